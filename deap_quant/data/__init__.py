@@ -1,0 +1,21 @@
+"""Datasets: the bundled digits set and loaders for users' local data, all as :class:`Splits`."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from .digits import Splits, digits
+
+__all__ = ["Splits", "digits", "DATASETS", "load_dataset"]
+
+#: name -> loader(data_root, seed) returning :class:`Splits`.
+DATASETS: dict[str, Callable[[Optional[str], int], Splits]] = {
+    "digits": lambda root, seed: digits(seed),
+}
+
+
+def load_dataset(name: str, data_root: Optional[str] = None, seed: int = 0) -> Splits:
+    """Load dataset ``name`` (see :data:`DATASETS`) from ``data_root`` where it needs local files."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset={name!r} is not valid; use one of {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](data_root, seed)

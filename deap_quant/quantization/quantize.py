@@ -1,0 +1,131 @@
+"""``quantize(model, ...)``: post-training weight quantization with nearest rounding."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .grids import fit_codebook_grid, fit_uniform_grid
+from .model import QuantizedModel
+
+__all__ = ["QuantConfig", "quantize", "QUANTIZABLE_TYPES", "LayerFilter"]
+
+#: Module types whose ``weight`` is quantized, with the axis of their output channels.
+QUANTIZABLE_TYPES: dict[type, int] = {
+    nn.Linear: 0,
+    nn.Conv1d: 0,
+    nn.Conv2d: 0,
+    nn.Conv3d: 0,
+    nn.ConvTranspose1d: 1,
+    nn.ConvTranspose2d: 1,
+}
+
+LayerFilter = Union[str, Sequence[str], Callable[[nn.Module, str], bool], None]
+
+SCHEMES = ("uniform", "kmeans")
+SCALE_METHODS = ("minmax", "mse")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings of :func:`quantize`; checked on construction."""
+
+    bits: int = 4
+    per_channel: bool = True
+    symmetric: bool = True
+    scale_method: str = "minmax"
+    scheme: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} is not valid; use an integer from 2 to 8")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme={self.scheme!r} is not valid; use one of {', '.join(SCHEMES)}")
+        if self.scale_method not in SCALE_METHODS:
+            raise ValueError(f"scale_method={self.scale_method!r} is not valid; use one of "
+                             f"{', '.join(SCALE_METHODS)}")
+        for name in ("per_channel", "symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use True or False")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _selector(layers: LayerFilter) -> Callable[[nn.Module, str], bool]:
+    if layers is None:
+        return lambda module, name: True
+    if callable(layers):
+        return layers
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"layers={layers!r} is not valid; use a name pattern, a list of patterns, "
+                         "or a callable (module, name) -> bool")
+    return lambda module, name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Qualified names and modules of every layer :func:`quantize` can quantize."""
+    return [(name, module) for name, module in model.named_modules()
+            if type(module) in QUANTIZABLE_TYPES and getattr(module, "weight", None) is not None]
+
+
+def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetric: bool = True,
+             scale_method: str = "minmax", layers: LayerFilter = None, scheme: str = "uniform",
+             config: Optional[QuantConfig] = None) -> QuantizedModel:
+    """Quantize the weights of ``model``'s Conv and Linear layers with nearest rounding.
+
+    The model is copied, never modified. ``layers`` selects layers by qualified-name glob
+    pattern(s) (``"features.*"``) or by a callable ``(module, name) -> bool``. ``scheme="uniform"``
+    fits an affine grid (``scale_method="minmax"`` or the MSE-optimal clipping ``"mse"``);
+    ``scheme="kmeans"`` fits a codebook of ``2**bits`` levels by 1-D k-means. Biases and
+    activations stay in floating point.
+    """
+    if config is None:
+        config = QuantConfig(bits=bits, per_channel=per_channel, symmetric=symmetric,
+                             scale_method=scale_method, scheme=scheme)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    candidates = quantizable_layers(model)
+    if not candidates:
+        kinds = ", ".join(t.__name__ for t in QUANTIZABLE_TYPES)
+        raise ValueError(f"{type(model).__name__} has no quantizable layers; deap_quant quantizes {kinds}")
+    select = _selector(layers)
+    chosen = [name for name, module in candidates if select(module, name)]
+    if not chosen:
+        available = ", ".join(name for name, _ in candidates[:12])
+        more = f" (and {len(candidates) - 12} more)" if len(candidates) > 12 else ""
+        raise ValueError(f"layers={layers!r} matches no quantizable layer; available: {available}{more}")
+
+    frozen = copy.deepcopy(model).eval()
+    for parameter in frozen.parameters():
+        parameter.requires_grad_(False)
+    modules = dict(frozen.named_modules())
+    grids, states, residuals = [], [], []
+    with torch.no_grad():
+        for name in chosen:
+            module = modules[name]
+            weight = module.weight.data
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"layer {name!r} has NaN or infinite weights; fix the model before quantizing")
+            if not weight.is_contiguous():
+                module.weight.data = weight = weight.contiguous()
+            axis = QUANTIZABLE_TYPES[type(module)]
+            if config.scheme == "kmeans":
+                grid = fit_codebook_grid(weight, config.bits, per_channel=config.per_channel, channel_axis=axis)
+            else:
+                grid = fit_uniform_grid(weight, config.bits, per_channel=config.per_channel,
+                                        symmetric=config.symmetric, scale_method=config.scale_method,
+                                        channel_axis=axis)
+            state, residual = grid.quantize(weight.to(torch.float32))
+            weight.copy_(grid.dequantize(state).to(weight.dtype))
+            grids.append(grid)
+            states.append(state)
+            residuals.append(residual)
+    return QuantizedModel(frozen, chosen, grids, states, residuals, config.to_dict())
