@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny models and data, and an isolated model cache per test session."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Point the model cache at a fresh folder, unless DEAP_QUANT_TEST_CACHE names a shared one."""
+    path = os.environ.get("DEAP_QUANT_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    previous = os.environ.get("DEAP_QUANT_CACHE")
+    os.environ["DEAP_QUANT_CACHE"] = path
+    yield path
+    if previous is None:
+        os.environ.pop("DEAP_QUANT_CACHE", None)
+    else:
+        os.environ["DEAP_QUANT_CACHE"] = previous
+
+
+def make_tiny_model(seed: int = 0, classes: int = 4) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict([
+        ("conv", nn.Conv2d(1, 4, 3, padding=1)), ("relu", nn.ReLU()), ("pool", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()), ("fc", nn.Linear(4 * 4 * 4, classes)),
+    ])).eval()
+
+
+@pytest.fixture
+def tiny_model() -> nn.Sequential:
+    """Conv(1->4, 3x3) + Linear(64->4) on 1x8x8 inputs: 36 + 256 weights."""
+    return make_tiny_model()
+
+
+@pytest.fixture
+def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(48, 1, 8, 8, generator=generator)
+    targets = torch.randint(0, 4, (48,), generator=generator)
+    return inputs, targets
+
+
+@pytest.fixture(scope="session")
+def digits_zoo():
+    """The trained digits-cnn recipe with its splits (trained once per session, ~6 s)."""
+    from deap_quant.zoo import load_model
+    return load_model("digits-cnn", verbose=False)
