@@ -105,7 +105,8 @@ class QuantizedModel:
         modules = dict(module.named_modules())
         self._weights = [modules[name].weight for name in names]
         self.layers = [
-            LayerInfo(name=name, kind=type(modules[name]).__name__, shape=tuple(weight.shape),
+            LayerInfo(name=name, kind=getattr(modules[name], "original_name", type(modules[name]).__name__),
+                      shape=tuple(weight.shape),
                       numel=weight.numel(), n_levels=grid.n_levels)
             for name, weight, grid in zip(names, self._weights, grids)
         ]

@@ -70,10 +70,22 @@ def _selector(layers: LayerFilter) -> Callable[[nn.Module, str], bool]:
     return lambda module, name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+_TYPES_BY_NAME = {kind.__name__: kind for kind in QUANTIZABLE_TYPES}
+
+
+def _layer_type(module: nn.Module) -> Optional[type]:
+    """The quantizable type of ``module``, also for TorchScript modules (by their original class name)."""
+    if type(module) in QUANTIZABLE_TYPES:
+        return type(module)
+    if isinstance(module, torch.jit.ScriptModule):
+        return _TYPES_BY_NAME.get(getattr(module, "original_name", ""))
+    return None
+
+
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Qualified names and modules of every layer :func:`quantize` can quantize."""
     return [(name, module) for name, module in model.named_modules()
-            if type(module) in QUANTIZABLE_TYPES and getattr(module, "weight", None) is not None]
+            if _layer_type(module) is not None and getattr(module, "weight", None) is not None]
 
 
 def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetric: bool = True,
@@ -105,7 +117,8 @@ def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetri
 
     frozen = copy.deepcopy(model).eval()
     for parameter in frozen.parameters():
-        parameter.requires_grad_(False)
+        if parameter.is_leaf:  # (a deep-copied TorchScript module's parameters may not be leaves)
+            parameter.requires_grad_(False)
     modules = dict(frozen.named_modules())
     grids, states, residuals = [], [], []
     with torch.no_grad():
@@ -116,7 +129,7 @@ def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetri
                 raise ValueError(f"layer {name!r} has NaN or infinite weights; fix the model before quantizing")
             if not weight.is_contiguous():
                 module.weight.data = weight = weight.contiguous()
-            axis = QUANTIZABLE_TYPES[type(module)]
+            axis = QUANTIZABLE_TYPES[_layer_type(module)]
             if config.scheme == "kmeans":
                 grid = fit_codebook_grid(weight, config.bits, per_channel=config.per_channel, channel_axis=axis)
             else:

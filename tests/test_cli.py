@@ -1,0 +1,76 @@
+"""The command line end to end with a tiny budget, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deap_quant.cli import main
+
+TINY = ["--mu", "4", "--lambda", "6", "--ngen", "2", "--no-progress"]
+
+
+def test_run_end_to_end_writes_results(tmp_path, digits_zoo, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--bits", "2", "--seed", "1", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "float" in printed and "nearest" in printed and "evolved" in printed and "evals/s" in printed
+    content = json.loads((out / "results.json").read_text())
+    for key in ("config", "baseline", "float", "best", "hall_of_fame", "evaluations", "seconds"):
+        assert key in content
+    assert {"val", "test"} <= set(content["baseline"]) and {"val", "test", "genes"} <= set(content["best"])
+    assert content["config"]["quantization"]["bits"] == 2 and content["config"]["seed"] == 1
+    assert (out / "logbook.csv").read_text().splitlines()[0].startswith("gen,nevals,evals,max")
+    assert len((out / "logbook.csv").read_text().splitlines()) == 4
+    assert json.loads((out / "best_genes.json").read_text())["genes"] == content["best"]["genes"]
+    assert (out / "fitness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_with_a_saved_model_file(tmp_path, digits_zoo):
+    path = tmp_path / "model.pt"
+    torch.save(digits_zoo.model, path)
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(path), "--dataset", "digits", "--out", str(out), *TINY]) == 0
+    content = json.loads((out / "results.json").read_text())
+    assert content["float"]["test"] == pytest.approx(digits_zoo.float_scores["test"])
+
+
+def test_run_with_a_torchscript_file(tmp_path, digits_zoo):
+    path = tmp_path / "model.ts"
+    torch.jit.script(digits_zoo.model).save(str(path))
+    assert main(["run", "--model", str(path), "--out", str(tmp_path / "run"), *TINY]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--bits", "9"], "bits=9 is not valid; use an integer from 2 to 8"),
+    (["run", "--mu", "x"], "argument --mu: 'x' is not an integer"),
+    (["run", "--cxpb", "2"], "argument --cxpb: 2.0 is not valid; use a probability in [0, 1]"),
+    (["run", "--scale-method", "p99"], "scale_method='p99' is not valid"),
+    (["run", "--model", "no-such-model"], "is neither a zoo recipe"),
+    (["run", "--algorithm", "mu,lambda", "--mu", "8", "--lambda", "4"], "mu=8 > lambda_=4 is not valid"),
+    (["run", "--layers", "decoder*"], "matches no quantizable layer"),
+    (["run", "--layer-choice", "largest"], "layer_choice='largest' is not valid"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_get_one_line_and_exit_2(tmp_path, digits_zoo, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "x")] if argv[0] == "run" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deap-quant: error: ") and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_unwritable_output_is_refused_before_the_run(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["run", "--out", str(blocker), *TINY]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_console_script_exits_non_zero_without_traceback():
+    out = subprocess.run([sys.executable, "-m", "deap_quant.cli", "run", "--bits", "1"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "bits=1 is not valid" in out.stderr

@@ -1,0 +1,142 @@
+"""The toolbox under DEAP's own algorithms, evolve()'s loop, and the held-out test protocol."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from deap import algorithms, tools
+from torch.utils.data import DataLoader, Dataset
+
+import deap_quant as dq
+from deap_quant import Evaluator, EvolutionConfig, evolve, make_toolbox, quantize
+
+
+@pytest.fixture
+def setup(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=2)
+    return qmodel, Evaluator(qmodel, tiny_data, batch_size=16)
+
+
+@pytest.mark.parametrize("run", ["eaMuPlusLambda", "eaMuCommaLambda", "eaSimple"])
+def test_deap_algorithms_run_unmodified_on_the_toolbox(setup, run):
+    qmodel, evaluator = setup
+    toolbox = make_toolbox(qmodel, evaluator, init_genes=3,
+                           select="tournament" if run == "eaSimple" else "best")
+    random.seed(0)
+    population = toolbox.population(n=6)
+    hall_of_fame = tools.HallOfFame(2)
+    if run == "eaSimple":
+        final, logbook = algorithms.eaSimple(population, toolbox, cxpb=0.5, mutpb=0.5, ngen=3,
+                                             halloffame=hall_of_fame, verbose=False)
+    else:
+        final, logbook = getattr(algorithms, run)(population, toolbox, mu=6, lambda_=8, cxpb=0.3, mutpb=0.6,
+                                                  ngen=3, halloffame=hall_of_fame, verbose=False)
+    assert len(final) == 6 and len(logbook) == 4
+    assert all(ind.fitness.valid for ind in final)
+    assert isinstance(final[0], dq.Individual)
+    # fitness is the evaluator's verdict on the genes, and the weights came back afterwards
+    assert hall_of_fame[0].fitness.values == evaluator(hall_of_fame[0])
+    assert torch.equal(qmodel.dequantized_weights(1), qmodel.grids[1].dequantize(qmodel.base_states(1)))
+
+
+def test_evolve_loop_matches_deap_eaMuPlusLambda_step_for_step(setup, tiny_data):
+    qmodel, evaluator = setup
+    config = EvolutionConfig(mu=6, lambda_=10, ngen=4, cxpb=0.3, mutpb=0.6, init_genes=3, include_base=False,
+                             seed=11, hof_size=3)
+    result = evolve(qmodel, evaluator=evaluator, config=config, progress=False)
+
+    toolbox = make_toolbox(qmodel, evaluator, **config.toolbox_options)
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    population = toolbox.population(n=6)
+    hall_of_fame = tools.HallOfFame(3)
+    final, logbook = algorithms.eaMuPlusLambda(population, toolbox, mu=6, lambda_=10, cxpb=0.3, mutpb=0.6,
+                                               ngen=4, halloffame=hall_of_fame, verbose=False)
+    assert [list(ind) for ind in result.population] == [list(ind) for ind in final]
+    assert [list(ind) for ind in result.hall_of_fame] == [list(ind) for ind in hall_of_fame]
+    assert result.logbook.select("nevals") == logbook.select("nevals")
+
+
+@pytest.mark.parametrize("algorithm", ["mu+lambda", "mu,lambda", "simple"])
+def test_evolve_result_structure(setup, tiny_data, algorithm):
+    qmodel, evaluator = setup
+    result = evolve(qmodel, tiny_data, tiny_data, mu=4, lambda_=6, ngen=2, algorithm=algorithm,
+                    hof_size=2, seed=1, progress=False, batch_size=16)
+    content = result.to_dict()
+    assert {"config", "baseline", "float", "best", "hall_of_fame", "evaluations", "seconds", "logbook",
+            "versions"} <= set(content)
+    assert set(content["best"]) >= {"val", "test", "genes", "n_genes"}
+    assert len(content["hall_of_fame"]) == 2 and all({"val", "test", "genes"} <= set(h) for h in content["hall_of_fame"])
+    assert content["evaluations"] == sum(result.logbook.select("nevals"))
+    assert [r["gen"] for r in content["logbook"]] == [0, 1, 2]
+    assert content["config"]["seed"] == 1 and content["versions"]["deap_quant"] == dq.__version__
+    if algorithm == "mu+lambda":  # the nearest-rounding individual is in the first population; elitism keeps it
+        assert content["best"]["val"] >= content["baseline"]["val"]
+
+
+def test_same_seed_same_run_different_seed_different_run(setup, tiny_data):
+    qmodel, evaluator = setup
+    runs = [evolve(qmodel, evaluator=evaluator, mu=4, lambda_=6, ngen=3, seed=s, progress=False) for s in (5, 5, 6)]
+    genes = [[list(ind) for ind in r.hall_of_fame] for r in runs]
+    assert genes[0] == genes[1]
+    assert genes[0] != genes[2]
+
+
+class RecordingDataset(Dataset):
+    """Records every access, so a test can prove when the test split was first read."""
+
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets = inputs, targets
+        self.reads = 0
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return self.inputs[index], self.targets[index]
+
+
+def test_test_split_is_untouched_until_the_search_ends(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=2)
+    test = RecordingDataset(*tiny_data)
+    reads_during_search = []
+    result = evolve(qmodel, tiny_data, DataLoader(test, batch_size=16), mu=4, lambda_=6, ngen=3, progress=False,
+                    callback=lambda state: reads_during_search.append(test.reads))
+    assert reads_during_search == [0, 0, 0]
+    assert test.reads > 0 and result.best["test"] is not None
+
+
+def test_callback_can_stop_early(setup):
+    qmodel, evaluator = setup
+    result = evolve(qmodel, evaluator=evaluator, mu=4, lambda_=6, ngen=10, progress=False,
+                    callback=lambda state: state["gen"] == 2)
+    assert len(result.logbook) == 3
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mu": 10, "lambda_": 5, "algorithm": "mu,lambda"}, "mu=10 > lambda_=5 is not valid for \\(mu,lambda\\)"),
+    ({"cxpb": 1.5}, "cxpb=1.5 is not valid; use a probability in \\[0, 1\\]"),
+    ({"mutpb": -0.1}, "mutpb=-0.1 is not valid"),
+    ({"cxpb": 0.6, "mutpb": 0.6}, "cxpb \\+ mutpb = 1.2 is not valid"),
+    ({"algorithm": "cma"}, "algorithm='cma' is not valid"),
+    ({"mu": 0}, "mu=0 is not valid"),
+])
+def test_bad_evolution_config(options, message):
+    with pytest.raises(ValueError, match=message):
+        EvolutionConfig(**options)
+
+
+def test_evolve_on_digits_improves_validation_and_reports_test(digits_zoo):
+    qmodel = quantize(digits_zoo.model, bits=2, scale_method="mse")
+    result = evolve(qmodel, digits_zoo.data.val, digits_zoo.data.test, float_model=digits_zoo.model,
+                    mu=6, lambda_=12, ngen=4, seed=0, progress=False)
+    assert result.best["val"] >= result.baseline["val"]
+    assert result.float_scores["test"] > 0.9
+    best = result.hall_of_fame[0]
+    tester = Evaluator(qmodel, digits_zoo.data.test)
+    assert result.best["test"] == tester.scores(best)["accuracy"]

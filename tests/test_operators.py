@@ -1,0 +1,145 @@
+"""Each DEAP-style operator on fixed random draws: in place, returns a tuple, never clones or touches fitness."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from deap_quant import Gene, GeneSpace, Individual, normalize
+from deap_quant.operators import (
+    cx_layer_swap,
+    cx_one_point,
+    cx_uniform,
+    init_empty,
+    init_random,
+    mut_add_gene,
+    mut_mixed,
+    mut_move_gene,
+    mut_remove_gene,
+    mut_shift_offset,
+)
+
+SPACE = GeneSpace([20, 30, 40], max_offset=2)
+
+
+def individual(genes, fitness=(0.5, 0.0)):
+    ind = Individual(genes)
+    ind.fitness.values = fitness
+    return ind
+
+
+def assert_in_place(result, ind, size=1):
+    assert isinstance(result, tuple) and len(result) == size
+    assert result[0] is ind
+    assert ind.fitness.values == (0.5, 0.0), "operators must not touch the fitness"
+    assert list(ind) == normalize(ind), "operators keep individuals normalised"
+
+
+def test_init_random_and_empty():
+    random.seed(0)
+    ind = init_random(Individual, SPACE, 6)
+    assert isinstance(ind, Individual) and 1 <= len(ind) <= 6 and not ind.fitness.valid
+    random.seed(0)
+    assert init_random(Individual, SPACE, 6) == ind
+    assert init_random(Individual, SPACE, 6, k_min=0) is not None
+    assert init_empty(Individual) == []
+
+
+def test_mut_add_gene_adds_one_gene():
+    random.seed(1)
+    ind = individual([(0, 1, 1)])
+    result = mut_add_gene(ind, SPACE)
+    assert_in_place(result, ind)
+    assert len(ind) == 2 and Gene(0, 1, 1) in ind
+
+
+def test_mut_remove_gene_removes_and_tolerates_empty():
+    random.seed(2)
+    ind = individual([(0, 1, 1), (1, 2, -1), (2, 3, 1)])
+    assert_in_place(mut_remove_gene(ind, n=2), ind)
+    assert len(ind) == 1
+    empty = individual([])
+    assert_in_place(mut_remove_gene(empty), empty)
+    assert empty == []
+
+
+def test_mut_shift_offset_moves_one_offset_by_one_level():
+    random.seed(3)
+    ind = individual([(0, 1, 1), (1, 2, -2)])
+    before = {(g.layer, g.index): g.offset for g in ind}
+    assert_in_place(mut_shift_offset(ind, SPACE), ind)
+    after = {(g.layer, g.index): g.offset for g in ind}
+    diffs = [abs(after.get(k, 0) - v) for k, v in before.items()]
+    assert sorted(diffs) == [0, 1]
+    assert all(abs(o) <= 2 for o in after.values())
+
+
+def test_mut_move_gene_stays_in_its_layer():
+    random.seed(4)
+    ind = individual([(2, 7, 1)])
+    assert_in_place(mut_move_gene(ind, SPACE), ind)
+    assert len(ind) == 1 and ind[0].layer == 2 and ind[0].offset == 1 and 0 <= ind[0].index < 40
+
+
+def test_mut_mixed_follows_probabilities():
+    random.seed(5)
+    sizes = []
+    for _ in range(200):
+        ind = individual([(0, 1, 1), (1, 1, 1)])
+        assert_in_place(mut_mixed(ind, SPACE, probs={"add": 1.0}), ind)
+        sizes.append(len(ind))
+    # adds a gene; rarely it lands on an existing weight and merges with (or cancels) its offset
+    assert set(sizes) <= {1, 2, 3} and sizes.count(3) > 190
+    ind = individual([(0, 1, 1), (1, 1, 1)])
+    mut_mixed(ind, SPACE, probs={"remove": 1.0})
+    assert len(ind) == 1
+    empty = individual([])
+    mut_mixed(empty, SPACE, probs={"remove": 1.0})
+    assert len(empty) == 1, "an empty individual can only grow"
+    with pytest.raises(ValueError, match="probs=.*is not valid"):
+        mut_mixed(individual([(0, 1, 1)]), SPACE, probs={"flip": 1.0})
+
+
+def test_cx_uniform_exchanges_genes_over_the_union():
+    random.seed(6)
+    a = individual([(0, 1, 1), (0, 2, 1), (1, 5, -1)])
+    b = individual([(0, 2, -1), (2, 9, 1)])
+    union = {(0, 1), (0, 2), (1, 5), (2, 9)}
+    result = cx_uniform(a, b)
+    assert isinstance(result, tuple) and result[0] is a and result[1] is b
+    assert a.fitness.values == (0.5, 0.0) and b.fitness.values == (0.5, 0.0)
+    keys = [(g.layer, g.index) for g in a] + [(g.layer, g.index) for g in b]
+    assert sorted(set(keys)) == sorted(union) and len(keys) == 5  # (0,2) is held by both, once each
+    assert {g for g in a if (g.layer, g.index) == (0, 2)} | {g for g in b if (g.layer, g.index) == (0, 2)} == {
+        Gene(0, 2, 1), Gene(0, 2, -1)}
+    always = cx_uniform(individual([(0, 1, 1)]), individual([(1, 1, 1)]), indpb=1.0)
+    assert always[0] == [Gene(1, 1, 1)] and always[1] == [Gene(0, 1, 1)]
+
+
+def test_cx_one_point_swaps_tails_at_a_weight():
+    random.seed(7)
+    a = individual([(0, 1, 1), (1, 1, 1), (2, 1, 1)])
+    b = individual([(0, 2, -1), (1, 2, -1), (2, 2, -1)])
+    cx_one_point(a, b)
+    cut = [i for i, g in enumerate(a) if g.offset == -1]
+    assert cut == list(range(cut[0], len(a))) if cut else True  # a = head of a + tail of b
+    assert len(a) + len(b) == 6 and list(a) == sorted(a) and list(b) == sorted(b)
+    assert set(a) | set(b) == {Gene(layer, i, o) for layer in range(3) for i, o in ((1, 1), (2, -1))}
+
+
+def test_cx_layer_swap_exchanges_whole_layers():
+    random.seed(8)
+    a = individual([(0, 1, 1), (1, 1, 1), (1, 3, 1)])
+    b = individual([(1, 2, -1), (2, 2, -1)])
+    cx_layer_swap(a, b, indpb=1.0)
+    assert a == [Gene(1, 2, -1), Gene(2, 2, -1)]
+    assert b == [Gene(0, 1, 1), Gene(1, 1, 1), Gene(1, 3, 1)]
+    random.seed(9)
+    c = individual([(0, 1, 1), (1, 1, 1)])
+    d = individual([(0, 2, -1), (1, 2, -1)])
+    cx_layer_swap(c, d, indpb=0.5)
+    for child in (c, d):  # every layer of a child comes whole from one parent
+        for layer in (0, 1):
+            offsets = {g.offset for g in child if g.layer == layer}
+            assert len(offsets) == 1

@@ -1,0 +1,225 @@
+"""Quantization: grids, nearest rounding, layer selection, frozen model, gene application."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from deap_quant import GeneError, QuantConfig, quantize
+from deap_quant.quantization.grids import fit_codebook_grid, fit_uniform_grid
+
+from .conftest import make_tiny_model
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_uniform_grid_rounds_to_nearest_level(bits, symmetric):
+    weight = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(bits))
+    grid = fit_uniform_grid(weight, bits, per_channel=True, symmetric=symmetric, scale_method="minmax")
+    states, residual = grid.quantize(weight)
+    assert grid.n_levels == 2 ** bits
+    assert int(states.min()) >= 0 and int(states.max()) < 2 ** bits
+    values = grid.dequantize(states)
+    # Every weight sits on its nearest level: no level of its channel is strictly closer.
+    levels = (torch.arange(2 ** bits, dtype=torch.float32)[None, :] - grid.zero_point[:, None]) * grid.scale[:, None]
+    distance_to_all = (weight.reshape(6, -1, 1) - levels[:, None, :]).abs()
+    chosen = (weight - values).abs().reshape(6, -1)
+    assert torch.all(chosen <= distance_to_all.min(dim=2).values + 1e-6)
+    # min-max grids clip nothing, so residuals stay within half a level
+    assert residual.abs().max() <= 0.5 + 1e-5
+
+
+def test_mse_scale_has_lower_error_than_minmax():
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    weight[0, 0] = 12.0  # an outlier that a max-abs grid wastes its levels on
+    errors = {}
+    for method in ("minmax", "mse"):
+        grid = fit_uniform_grid(weight, 2, per_channel=True, symmetric=True, scale_method=method)
+        states, _ = grid.quantize(weight)
+        errors[method] = float((grid.dequantize(states) - weight).pow(2).sum())
+    assert errors["mse"] < errors["minmax"]
+
+
+def test_per_tensor_grid_has_one_scale():
+    weight = torch.randn(5, 7)
+    grid = fit_uniform_grid(weight, 4, per_channel=False, symmetric=True, scale_method="minmax")
+    assert grid.scale.shape == (1,)
+
+
+def test_codebook_grid_levels_are_sorted_and_nearest():
+    weight = torch.randn(4, 200, generator=torch.Generator().manual_seed(3))
+    grid = fit_codebook_grid(weight, 2, per_channel=True)
+    assert grid.codebook.shape == (4, 4)
+    assert torch.all(grid.codebook[:, 1:] >= grid.codebook[:, :-1])
+    states, _ = grid.quantize(weight)
+    values = grid.dequantize(states)
+    nearest = (weight[:, :, None] - grid.codebook[:, None, :]).abs().min(dim=2).values
+    assert torch.allclose((weight - values).abs(), nearest, atol=1e-6)
+
+
+def test_conv_transpose_uses_output_channel_axis():
+    layer = nn.ConvTranspose2d(3, 5, 3)
+    qmodel = quantize(nn.Sequential(layer), bits=4)
+    grid = qmodel.grids[0]
+    assert grid.layout.axis == 1 and grid.scale.shape == (5,)
+
+
+def test_quantize_copies_and_freezes(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    qmodel = quantize(tiny_model, bits=2)
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[key]), "the user's model must not change"
+    assert not qmodel.module.training
+    assert all(not p.requires_grad for p in qmodel.module.parameters())
+    table = qmodel.layer_table()
+    assert [(i.name, i.kind, i.shape, i.numel, i.n_levels) for i in table] == [
+        ("conv", "Conv2d", (4, 1, 3, 3), 36, 4), ("fc", "Linear", (4, 64), 256, 4)]
+    # the module holds exactly the dequantized base states
+    for layer, info in enumerate(table):
+        expected = qmodel.grids[layer].dequantize(qmodel.base_states(layer))
+        assert torch.equal(dict(qmodel.module.named_modules())[info.name].weight, expected)
+    # biases are not quantized
+    assert torch.equal(qmodel.module.fc.bias, tiny_model.fc.bias)
+
+
+def test_layer_filter_by_pattern_and_callable(tiny_model):
+    assert [info.name for info in quantize(tiny_model, layers="fc*").layers] == ["fc"]
+    assert [info.name for info in quantize(tiny_model, layers=["conv", "fc"]).layers] == ["conv", "fc"]
+    only_conv = quantize(tiny_model, layers=lambda module, name: isinstance(module, nn.Conv2d))
+    assert [info.name for info in only_conv.layers] == ["conv"]
+    with pytest.raises(ValueError, match="matches no quantizable layer; available: conv, fc"):
+        quantize(tiny_model, layers="decoder.*")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"bits": 1}, "bits=1 is not valid"),
+    ({"bits": 9}, "bits=9 is not valid"),
+    ({"scheme": "log"}, "scheme='log' is not valid"),
+    ({"scale_method": "percentile"}, "scale_method='percentile' is not valid"),
+])
+def test_bad_config_names_the_value(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quantize(tiny_model, **kwargs)
+
+
+def test_model_without_quantizable_layers_and_nan_weights(tiny_model):
+    with pytest.raises(ValueError, match="no quantizable layers"):
+        quantize(nn.Sequential(nn.ReLU()))
+    tiny_model.fc.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'fc' has NaN or infinite weights"):
+        quantize(tiny_model)
+
+
+def test_residual_points_to_the_level_rounding_did_not_take(tiny_model):
+    qmodel = quantize(tiny_model, bits=3, scale_method="minmax")
+    grid = qmodel.grids[1]
+    residual = torch.from_numpy(qmodel.residuals()[1]).reshape(4, 64)
+    position = tiny_model.fc.weight / grid.scale[:, None] + grid.zero_point[:, None]
+    assert torch.allclose(qmodel.base_states(1).float() + residual, position, atol=1e-5)
+
+
+def _weights(qmodel):
+    return [qmodel.dequantized_weights(i) for i in range(len(qmodel.layers))]
+
+
+def test_applied_changes_only_gene_weights_and_restores(tiny_model):
+    qmodel = quantize(tiny_model, bits=2)
+    before = _weights(qmodel)
+    state = int(qmodel.base_states(1).view(-1)[5])
+    offset = 1 if state < 3 else -1
+    with qmodel.applied([(1, 5, offset)]):
+        during = _weights(qmodel)
+        changed = (during[1] != before[1]).view(-1).nonzero().view(-1).tolist()
+        assert changed == [5]
+        assert torch.equal(during[0], before[0])
+        expected = qmodel.grids[1].dequantize_at(torch.tensor([state + offset]), torch.tensor([5]))
+        assert torch.equal(during[1].view(-1)[5:6], expected)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(qmodel)))
+
+
+def test_offsets_are_clipped_to_the_grid_and_duplicates_add(tiny_model):
+    qmodel = quantize(tiny_model, bits=2)
+    states = qmodel.states_with([(0, 0, 100), (0, 1, -100), (1, 2, 1), (1, 2, 1)])
+    assert int(states[0].view(-1)[0]) == 3 and int(states[0].view(-1)[1]) == 0
+    base = int(qmodel.base_states(1).view(-1)[2])
+    assert int(states[1].view(-1)[2]) == min(base + 2, 3)
+
+
+def test_revert_happens_when_the_body_raises(tiny_model):
+    qmodel = quantize(tiny_model, bits=2)
+    before = _weights(qmodel)
+    with pytest.raises(RuntimeError, match="boom"):
+        with qmodel.applied([(0, 3, 1), (1, 7, -1)]):
+            raise RuntimeError("boom")
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(qmodel)))
+
+
+@pytest.mark.parametrize("genes, message", [
+    ([(2, 0, 1)], "layer=2 is out of range; valid layers are 0..1"),
+    ([(-1, 0, 1)], "layer=-1 is out of range"),
+    ([(0, 36, 1)], "index=36 is out of range for layer 0; valid indices are 0..35"),
+    ([(0, 1.5, 1)], "index=1.5 must be an integer"),
+    ([(0, 1)], "is not a \\(layer, index, offset\\) triple"),
+    ([(0, 1, 2 ** 70)], "out of the int64 range"),
+])
+def test_bad_genes_are_rejected_before_any_weight_changes(tiny_model, genes, message):
+    qmodel = quantize(tiny_model, bits=2)
+    before = _weights(qmodel)
+    with pytest.raises(GeneError, match=message):
+        qmodel.apply_([(1, 0, 1)] + genes)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(qmodel)))
+
+
+_MODEL = quantize(make_tiny_model(3), bits=2, scale_method="mse")
+_BEFORE = _weights(_MODEL)
+_gene = st.tuples(st.integers(0, 1), st.integers(0, 35), st.integers(-5, 5))
+
+
+@settings(max_examples=120, deadline=None)
+@given(genes=st.lists(_gene, max_size=40), edge=st.sampled_from([-3, -1, 1, 3]))
+def test_apply_revert_is_bit_exact_for_any_gene_list(genes, edge):
+    # include offsets that run off both ends of the grid, and duplicates on one weight
+    genes = genes + [(0, 0, edge), (0, 0, edge), (1, 255, -edge)]
+    handle = _MODEL.apply_(genes)
+    expected_states = _MODEL.states_with(genes)
+    for layer in range(2):
+        assert torch.equal(_MODEL.dequantized_weights(layer),
+                           _MODEL.grids[layer].dequantize(expected_states[layer]))
+    _MODEL.revert_(handle)
+    for layer in range(2):
+        assert torch.equal(_MODEL.dequantized_weights(layer), _BEFORE[layer])
+
+
+def test_rebase_makes_new_states_the_base(tiny_model):
+    qmodel = quantize(tiny_model, bits=3)
+    original_position = [s.float() + torch.from_numpy(r).view(s.shape) for s, r in
+                         zip((qmodel.base_states(i) for i in range(2)), qmodel.residuals())]
+    new_states = qmodel.states_with([(0, 0, 1), (1, 10, -1)])
+    qmodel.rebase_(new_states)
+    assert torch.equal(qmodel.base_states(0), new_states[0])
+    assert torch.equal(qmodel.dequantized_weights(1), qmodel.grids[1].dequantize(new_states[1]))
+    for layer in range(2):  # residuals follow the base, the continuous position does not move
+        position = qmodel.base_states(layer).float() + torch.from_numpy(qmodel.residuals()[layer]).view(
+            new_states[layer].shape)
+        assert torch.allclose(position, original_position[layer], atol=1e-5)
+    with pytest.raises(ValueError, match="must lie in 0..7"):
+        qmodel.rebase_([s + 9 for s in new_states])
+
+
+def test_quant_config_round_trip():
+    config = QuantConfig(bits=3, per_channel=False, scale_method="mse")
+    assert config.to_dict()["bits"] == 3
+    with pytest.raises(ValueError, match="per_channel=1 is not valid"):
+        QuantConfig(per_channel=1)
+
+
+def test_kmeans_model_evaluates(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=2, scheme="kmeans")
+    assert qmodel.layers[0].n_levels == 4
+    with qmodel.applied([(0, 0, 1)]):
+        out = qmodel(tiny_data[0])
+    assert out.shape == (48, 4) and np.isfinite(out.numpy()).all()
