@@ -7,9 +7,15 @@ scores from the :class:`EvolutionResult`.
 
 __version__ = "0.1.0"
 
-from .evaluation import Evaluator, FunctionEvaluator
+from .baselines import AdaRoundConfig, Rounding, adaround, best_stochastic, nearest
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .compare import CompareResult, RunConfig, compare
+from .evaluation import Evaluator, FunctionEvaluator, IncrementalEvaluator
+from .evaluation.teacher import TeacherEvaluator
 from .evolve import EvolutionConfig, EvolutionResult, evolve
+from .export import ExportError, export, load, read_export
 from .genome import Fitness, Gene, GeneSpace, Individual, MultiFitness, MultiIndividual, normalize
+from .parallel import MapConfig, WorkersLostError, make_map
 from .quantization import GeneError, LayerInfo, QuantConfig, QuantizedModel, quantize
 from .report import write_results
 from .toolbox import make_toolbox
@@ -17,7 +23,12 @@ from .toolbox import make_toolbox
 __all__ = [
     "__version__",
     "quantize", "QuantConfig", "QuantizedModel", "LayerInfo", "GeneError",
-    "Evaluator", "FunctionEvaluator",
+    "Evaluator", "FunctionEvaluator", "IncrementalEvaluator",
     "Gene", "Individual", "Fitness", "MultiIndividual", "MultiFitness", "GeneSpace", "normalize",
     "make_toolbox", "evolve", "EvolutionConfig", "EvolutionResult", "write_results",
+    "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint",
+    "export", "load", "read_export", "ExportError",
+    "nearest", "best_stochastic", "adaround", "AdaRoundConfig", "Rounding", "TeacherEvaluator",
+    "compare", "RunConfig", "CompareResult",
+    "make_map", "MapConfig", "WorkersLostError",
 ]

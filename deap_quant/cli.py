@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -59,9 +60,15 @@ def _probability(text: str) -> float:
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and data")
     group.add_argument("--model", default="digits-cnn",
-                       help="a zoo recipe name, or a path to a saved float model (torch.save of a module, "
-                            "or TorchScript) used with --dataset (default: digits-cnn)")
-    group.add_argument("--dataset", default=None, help="dataset for a model given as a path (default: digits)")
+                       help="a zoo recipe name (digits-cnn, digits-vgg, digits-resnet, digits-autoencoder, "
+                            "digits-detector), torchvision:NAME with --weights (e.g. torchvision:resnet18), or a "
+                            "path to a saved float model (torch.save of a module, or TorchScript); the last two "
+                            "with --dataset (default: digits-cnn)")
+    group.add_argument("--weights", default=None, metavar="PATH",
+                       help="local state_dict for torchvision:NAME or a zoo recipe's architecture (never downloaded)")
+    group.add_argument("--dataset", default=None,
+                       help="dataset for a model given as a path or torchvision:NAME: digits, digit-canvases, "
+                            "mnist, cifar10, imagefolder, voc, coco (the last five from --data-root; default: digits)")
     group.add_argument("--data-root", default=None, help="folder holding a local dataset")
     group.add_argument("--cache-dir", default=None, help="model cache (default: $XDG_CACHE_HOME/deap_quant)")
     group.add_argument("--data-seed", type=_non_negative, default=0, help="seed of the train/val/test split")
@@ -78,6 +85,8 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scheme", default="uniform", help="uniform or kmeans (default: uniform)")
     group.add_argument("--asymmetric", action="store_true", help="affine grid with a zero point")
     group.add_argument("--layers", default=None, help="comma-separated glob patterns of layers to quantize")
+    group.add_argument("--fold-bn", action="store_true",
+                       help="fold BatchNorm into the preceding conv before quantizing, as deployment does")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,12 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--layer-choice", default="size", help="uniform or size (default: size)")
     search.add_argument("--sampler", default="uniform", help="uniform or residual (default: uniform)")
     search.add_argument("--crossover", default="uniform", help="uniform, one_point, layer_swap or none")
-    search.add_argument("--metric", default=None, help="accuracy, top5 or loss (default: the recipe's)")
+    search.add_argument("--metric", default=None,
+                        help="accuracy, top5, loss, mse, map_50 or map (default: the recipe's; for other models "
+                             "map_50 on detection data, else accuracy)")
     search.add_argument("--batch-size", type=_positive, default=512)
     search.add_argument("--seed", type=_non_negative, default=0)
     output = run.add_argument_group("output")
     output.add_argument("--out", default=None, help="output folder (default: runs/MODEL-BITSbit-seedSEED)")
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    output.add_argument("--checkpoint-every", type=_positive, default=None, metavar="K",
+                        help="save a checkpoint into the output folder every K generations (and at the end)")
+    output.add_argument("--resume", default=None, metavar="DIR",
+                        help="carry on the checkpointed run in DIR (its settings are reused; --ngen may be raised)")
+    output.add_argument("--threads", type=_positive, default=None,
+                        help="torch threads (default: torch's; recorded, and restored on --resume)")
+    parallel = run.add_argument_group("parallel evaluation (same results on every backend)")
+    parallel.add_argument("--backend", default="serial", choices=("serial", "processes", "ray"),
+                          help="serial (default), processes (a local pool) or ray (Ray actors)")
+    parallel.add_argument("--workers", type=_positive, default=None,
+                          help="worker processes or Ray actors (default: one per CPU; the cluster's for Ray)")
+    parallel.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                          help="join this Ray cluster (e.g. auto or ray://HOST:10001); default: a local Ray instance")
+
+    export = commands.add_parser("export", help="write the evolved quantized model of a run folder to one file")
+    export.add_argument("dir", metavar="DIR", help="the --out folder of a finished deap-quant run")
+    export.add_argument("--format", default="pt", help="pt (default: pt)")
+    export.add_argument("--output", default=None, metavar="PATH", help="file to write (default: DIR/model.pt)")
+    export.add_argument("--cache-dir", default=None, help="model cache (default: $XDG_CACHE_HOME/deap_quant)")
+    _add_compare_parser(commands)
     return parser
 
 
@@ -117,18 +148,37 @@ def _load_float_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from .data import load_dataset
     from .zoo import RECIPES, load_model
 
+    weights = getattr(args, "weights", None)
     if args.model in RECIPES:
         if args.dataset is not None:
             raise CLIError(f"--dataset {args.dataset} cannot be combined with zoo model {args.model}, "
                            "which brings its own data")
+        if weights is not None:  # the recipe's architecture and data, the user's weights
+            from .zoo.vision import load_weights
+
+            recipe = RECIPES[args.model]
+            return load_weights(recipe.build(), weights), recipe.data(args.data_seed), Path(weights).stem
         zoo = load_model(args.model, seed=args.data_seed, cache=args.cache_dir, verbose=True)
         return zoo.model, zoo.data, args.model
+    if args.model.startswith("torchvision:"):
+        from .zoo.vision import torchvision_model
+
+        if weights is None or args.dataset is None:
+            raise CLIError(f"--model {args.model} needs --weights PATH (a local state_dict; nothing is downloaded) "
+                           "and --dataset")
+        splits = load_dataset(args.dataset, args.data_root, args.data_seed)
+        model = torchvision_model(args.model.split(":", 1)[1], weights, num_classes=splits.num_classes or None)
+        return model, splits, args.model.split(":", 1)[1]
+    if weights is not None:
+        raise CLIError(f"--weights goes with --model torchvision:NAME or a zoo recipe, not with {args.model!r}")
     path = Path(args.model)
     if not path.exists():
         raise CLIError(f"--model {args.model!r} is neither a zoo recipe ({', '.join(sorted(RECIPES))}) "
                        "nor an existing file")
     try:
-        model = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch.jit.load's FutureWarning would break the one-line error rule
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(str(path), map_location="cpu")
     except Exception:
         try:
             model = torch.load(str(path), map_location="cpu", weights_only=False)
@@ -142,9 +192,64 @@ def _load_float_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return model.eval(), splits, path.stem
 
 
+def _default_metric(args: argparse.Namespace, splits: Any) -> Any:
+    """The recipe's metric for a zoo model; otherwise ``map_50`` for detection targets, else ``accuracy``."""
+    from .zoo import RECIPES
+
+    if args.model in RECIPES:
+        return RECIPES[args.model].new_metric()
+    targets = splits.val[1]
+    return "map_50" if isinstance(targets, list) and targets and isinstance(targets[0], dict) else "accuracy"
+
+
+#: ``run`` options that may differ from the checkpointed run's when resuming it.
+_RESUME_MAY_CHANGE = ("ngen", "no_progress", "cache_dir", "data_root", "threads", "checkpoint_every", "out",
+                      "backend", "workers", "ray_address")
+
+
+def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, int]:
+    """The checkpointed run's arguments, with the few that may change taken from ``args``."""
+    from .checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.resume)
+    saved = dict(checkpoint.run_info)
+    if saved.pop("command", None) != "run":
+        raise CLIError(f"{checkpoint.path} was not written by deap-quant run; resume it from Python with "
+                       "evolve(..., resume=...)")
+    defaults = vars(build_parser().parse_args(["run"]))
+    for key, value in vars(args).items():
+        if key in ("command", "resume") or key in _RESUME_MAY_CHANGE or value == defaults.get(key):
+            continue
+        if key in saved and value != saved[key]:
+            option = "--" + key.rstrip("_").replace("_", "-")
+            raise CLIError(f"{option} {value} differs from the checkpointed run's {saved[key]}; drop it when "
+                           "resuming (only --ngen may be raised)")
+    if args.out is not None and Path(args.out).resolve() != Path(checkpoint.path).parent.resolve():
+        raise CLIError(f"--out {args.out} differs from the resumed folder {Path(checkpoint.path).parent}; "
+                       "drop --out when resuming")
+    merged = {**defaults, **saved, "resume": args.resume, "out": str(Path(checkpoint.path).parent)}
+    for key in _RESUME_MAY_CHANGE:
+        if key != "out" and getattr(args, key) != defaults.get(key):
+            merged[key] = getattr(args, key)
+    return argparse.Namespace(**merged), checkpoint.torch_threads
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from . import EvolutionConfig, QuantConfig, evolve, quantize
     from .report import check_writable, format_table, write_results
+
+    checkpoint_threads = None
+    if args.resume is not None:
+        args, checkpoint_threads = _resumed_args(args)
+
+    if args.ray_address is not None and args.backend != "ray":
+        raise CLIError(f"--ray-address {args.ray_address} needs --backend ray (got --backend {args.backend})")
+    if args.backend == "ray":  # before any work: say how to install Ray if it is missing
+        from .parallel import import_ray
+        try:
+            import_ray()
+        except ImportError as error:
+            raise CLIError(str(error)) from None
 
     crossover = None if args.crossover == "none" else args.crossover
     config = EvolutionConfig(mu=args.mu, lambda_=args.lambda_, ngen=args.ngen,
@@ -152,16 +257,32 @@ def _command_run(args: argparse.Namespace) -> int:
                              hof_size=args.hof_size, seed=args.seed, init_genes=args.init_genes,
                              layer_choice=args.layer_choice, sampler=args.sampler, crossover=crossover)
     quant = QuantConfig(bits=args.bits, per_channel=args.per_channel, symmetric=not args.asymmetric,
-                        scale_method=args.scale_method, scheme=args.scheme)
+                        scale_method=args.scale_method, scheme=args.scheme, fold_bn=getattr(args, "fold_bn", False))
     out = args.out or os.path.join("runs", f"{Path(args.model).stem}-{args.bits}bit-seed{args.seed}")
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise CLIError(f"--data-root {args.data_root!r} does not exist or is not a folder; give the folder "
+                       "that holds the dataset")
     out_dir = check_writable(out)  # fail before the run, not after it
+    if args.checkpoint_every is not None and args.resume is None:
+        from .checkpoint import check_no_checkpoint
+        check_no_checkpoint(out_dir)
+    threads = args.threads or checkpoint_threads
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    run_info = {"command": "run", **{k: v for k, v in vars(args).items() if k not in ("command", "resume")},
+                "out": str(out_dir)}
     layers = [p.strip() for p in args.layers.split(",") if p.strip()] if args.layers else None
     model, splits, name = _load_float_model(args)
     qmodel = quantize(model, layers=layers, config=quant)
     print(f"quantized {name}: {len(qmodel.layers)} layers, {qmodel.n_weights} weights, {args.bits} bits "
           f"({args.scheme}, {'per-channel' if args.per_channel else 'per-tensor'}, {args.scale_method})", flush=True)
-    result = evolve(qmodel, splits.val, splits.test, config=config, metric=args.metric or "accuracy",
-                    batch_size=args.batch_size, float_model=model, progress=not args.no_progress)
+    checkpointing = args.checkpoint_every is not None or args.resume is not None
+    result = evolve(qmodel, splits.val, splits.test, config=config, metric=args.metric or _default_metric(args, splits),
+                    batch_size=args.batch_size, float_model=model, progress=not args.no_progress,
+                    checkpoint=out_dir if checkpointing else None, checkpoint_every=args.checkpoint_every,
+                    resume=args.resume, run_info=run_info, backend=args.backend, workers=args.workers,
+                    ray_address=args.ray_address)
     result.config["model"] = name
     paths = write_results(result, out_dir)
     print(format_table(result.to_dict()))
@@ -169,7 +290,82 @@ def _command_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _command_run}
+def _command_export(args: argparse.Namespace) -> int:
+    from .export import export, read_export
+    from .report import format_value
+
+    path = export(args.dir, args.output, format=args.format, cache_dir=args.cache_dir)
+    content = read_export(path)
+    scores = content["scores"]
+    metric = scores["metric"]
+    print(f"wrote {path}: {len(content['layers'])} quantized layers, {len(content['genes'])} genes applied")
+    print(f"exported model: {metric} test {format_value(metric, scores['test'])} (the run reported "
+          f"{format_value(metric, scores['test'])}; checked exactly)")
+    if scores.get("int8_test") is not None:
+        print(f"int8 module (torch.ao.nn.quantized, {content['int8']['engine']}): {metric} test "
+              f"{format_value(metric, scores['int8_test'])}")
+    return 0
+
+
+def _add_compare_parser(commands: Any) -> None:
+    compare = commands.add_parser("compare", help="compare baselines and evolutionary configurations over seeds")
+    _add_model_arguments(compare)
+    compare.add_argument("--bits", type=int, default=2, help="weight bit-width, 2..8 (default: 2)")
+    compare.add_argument("--per-tensor", dest="per_channel", action="store_false", default=True,
+                         help="one grid per layer (default: per output channel)")
+    compare.add_argument("--seeds", type=_positive, default=5, help="number of seeds, 0..N-1 (default: 5)")
+    compare.add_argument("--config", default=None, metavar="FILE",
+                         help="configuration file (JSON; default: the shipped set)")
+    compare.add_argument("--only", default=None, metavar="A,B,C", help="run only these configurations")
+    compare.add_argument("--list", action="store_true", help="list the configurations and exit")
+    compare.add_argument("--ngen", type=_non_negative, default=None, help="override every configuration's ngen")
+    compare.add_argument("--adaround-steps", type=_positive, default=None, help="override AdaRound's steps per layer")
+    compare.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    compare.add_argument("--out", default=None, help="output folder (default: runs/compare-MODEL-BITSbit)")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _command_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, load_configs
+
+    configs, _ = load_configs(args.config)
+    if args.list:
+        for config in configs:
+            print(f"{config.name:<36} {config.description}")
+        return 0
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    unknown = sorted(set(only or ()) - {config.name for config in configs})
+    if unknown or only == []:
+        raise CLIError(f"--only {args.only!r} names unknown configuration(s) {unknown}; see deap-quant compare --list")
+    out = args.out or os.path.join("runs", f"compare-{Path(args.model).stem}-{args.bits}bit")
+    settings: dict[str, Any] = {"per_channel": args.per_channel}
+    if args.ngen is not None:
+        settings["evolution"] = {"ngen": args.ngen}
+    if args.adaround_steps is not None:
+        settings["adaround"] = {"steps": args.adaround_steps}
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    command = " ".join(["deap-quant compare", f"--model {args.model}", f"--bits {args.bits}", f"--seeds {args.seeds}",
+                        f"--out {out}"] + [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in
+                                           ("config", "only", "ngen", "adaround_steps", "threads")
+                                           if getattr(args, flag) is not None]
+                       + ([] if args.per_channel else ["--per-tensor"]))
+    from .report import check_writable
+    check_writable(out)  # fail before the runs, not after them
+    model, splits, name = _load_float_model(args)
+    result = compare((model, splits, name), args.config, bits=args.bits, seeds=args.seeds, out=out, only=only,
+                     settings=settings, progress=not args.no_progress, command=command)
+    print(result.paths["report.md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in result.paths.values())}")
+    return 0
+
+
+COMMANDS = {"run": _command_run, "export": _command_export, "compare": _command_compare}
+
+
+def _one_line(message: Any) -> str:
+    return " ".join(str(message).split())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -181,10 +377,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_USAGE
         return COMMANDS[args.command](args)
     except CLIError as error:
-        print(f"deap-quant: error: {error}", file=sys.stderr)
+        print(f"deap-quant: error: {_one_line(error)}", file=sys.stderr)
     except (ValueError, TypeError, KeyError, OSError) as error:
         message = error.args[0] if error.args else str(error)
-        print(f"deap-quant: error: {message}", file=sys.stderr)
+        print(f"deap-quant: error: {_one_line(message)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("deap-quant: interrupted", file=sys.stderr)
         return 130

@@ -9,25 +9,32 @@ an evaluator only after the last generation.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 from deap import algorithms, tools
 
+from .baselines import StartSpec, changed_weights, resolve_start
+from .checkpoint import load_checkpoint, open_checkpoints
 from .evaluation.evaluator import DataSpec, Evaluator
+from .evaluation.incremental import IncrementalEvaluator, announce_parents
 from .evaluation.metrics import MetricSpec
+from .genome import Individual
+from .parallel import make_map
 from .quantization.model import QuantizedModel
 from .toolbox import make_toolbox
 from .versions import versions
 
 __all__ = ["EvolutionConfig", "EvolutionResult", "evolve", "ALGORITHMS"]
 
-ALGORITHMS = ("mu+lambda", "mu,lambda", "simple")
+ALGORITHMS = ("mu+lambda", "mu,lambda", "simple", "nsga2")
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ class EvolutionConfig:
     def toolbox_options(self) -> dict[str, Any]:
         return {"init_genes": self.init_genes, "layer_choice": self.layer_choice, "sampler": self.sampler,
                 "max_offset": self.max_offset, "crossover": self.crossover,
-                "select": "tournament" if self.algorithm == "simple" else "best"}
+                "select": {"simple": "tournament", "nsga2": "nsga2"}.get(self.algorithm, "best")}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,6 +158,11 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
            test_evaluator: Optional[Callable] = None, metric: MetricSpec = "accuracy", batch_size: int = 512,
            toolbox: Any = None, float_model: Optional[torch.nn.Module] = None,
            callback: Optional[Callable[[dict[str, Any]], Any]] = None, progress: bool = True,
+           checkpoint: Optional[Union[str, os.PathLike]] = None, checkpoint_every: Optional[int] = None,
+           resume: Optional[Union[str, os.PathLike]] = None, run_info: Optional[dict[str, Any]] = None,
+           start: StartSpec = None, calibration: Optional[DataSpec] = None,
+           start_options: Optional[dict[str, Any]] = None, fast: bool = True,
+           backend: str = "serial", workers: Optional[int] = None, ray_address: Optional[str] = None,
            **config_options: Any) -> EvolutionResult:
     """Evolve rounding genes for ``qmodel`` on the validation split; re-score on test afterwards.
 
@@ -161,17 +173,68 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
     the one :func:`make_toolbox` would build. ``callback(state)`` is called after every
     generation with the generation number, population, hall of fame and logbook; returning
     ``True`` stops the search early.
+
+    ``checkpoint="DIR"`` saves the loop's whole state there every ``checkpoint_every``
+    generations (default 1) and at the end; ``resume="DIR"`` (or a checkpoint file) carries on
+    from it with the saved configuration (only ``ngen`` may be raised), giving the same hall of
+    fame and logbook as an uninterrupted run (see :mod:`deap_quant.checkpoint`; the logbook's
+    wall-time column ``seconds`` continues from the saved elapsed time). ``run_info`` is a
+    JSON-able description of the run, kept in checkpoints and in ``config["run"]``.
+
+    ``start="nearest" | "adaround" | "stochastic"`` (or state tensors, or a callable ``qmodel ->
+    states``; see :func:`deap_quant.baselines.resolve_start`) first computes that rounding and
+    **rebases ``qmodel`` in place** to it (:meth:`QuantizedModel.rebase_`): the baseline in the
+    result is then the start rounding, genes are offsets from it, and the result's genes apply
+    to ``qmodel`` as it is after the call. Pass ``copy.deepcopy(qmodel)`` to keep the original.
+    ``"adaround"`` needs ``calibration=`` (training inputs; ``float_model`` gives its targets if
+    passed), ``"stochastic"`` picks the best of N draws by the validation fitness; options of
+    either go in ``start_options`` (e.g. ``{"steps": 1000}`` or ``{"draws": 20}``), seeded by
+    ``seed``. The start is recomputed on ``resume``.
+
+    ``algorithm="nsga2"`` runs NSGA-II (``(mu+lambda)`` with ``tools.selNSGA2``) over
+    (validation metric, number of genes); its Pareto front, re-scored on test after the search,
+    is in ``details["pareto_front"]``.
+
+    ``fast=True`` (default) evaluates with :class:`~deap_quant.evaluation.IncrementalEvaluator`
+    (cached activations, memoisation, exact early rejection in ``(mu+lambda)``): the same
+    selection, hall of fame and logbook as ``fast=False`` (the plain :class:`Evaluator`), sooner.
+
+    ``backend="processes" | "ray"`` evaluates each generation on ``workers`` worker processes or
+    Ray actors (``ray_address`` joins a Ray cluster), registered as ``toolbox.map``; each worker
+    gets the evaluator once. Results are identical to ``backend="serial"`` for every number of
+    workers (see :mod:`deap_quant.parallel`).
     """
-    if config is None:
-        config = EvolutionConfig(**config_options)
-    elif config_options:
+    if config is not None and config_options:
         raise TypeError("pass either config= or keyword options, not both")
+    resumed = None
+    if resume is not None:
+        resumed = load_checkpoint(resume)
+        resumed.check_compatible(qmodel)
+        requested = (config.to_dict() if config is not None else
+                     EvolutionConfig(**{**resumed.config, **config_options}).to_dict() if config_options else None)
+        config = EvolutionConfig(**resumed.resolve_config(requested))
+        run_info = resumed.run_info if run_info is None else run_info
+    elif config is None:
+        config = EvolutionConfig(**config_options)
+    resumed, checkpoints = open_checkpoints(qmodel, checkpoint=checkpoint, every=checkpoint_every,
+                                            resume=resumed, run_info=run_info)
     if evaluator is None:
         if val is None:
             raise ValueError("evolve needs validation data (val=...) or an evaluator")
-        evaluator = Evaluator(qmodel, val, metric=metric, batch_size=batch_size)
+        evaluator = (IncrementalEvaluator if fast else Evaluator)(qmodel, val, metric=metric, batch_size=batch_size)
+    start_info = None
+    if start is not None:  # before the toolbox: residual-guided sampling reads the rebased residuals
+        rounding = resolve_start(start, qmodel, evaluator=evaluator, calibration=calibration,
+                                 float_model=float_model, seed=config.seed, options=start_options)
+        start_info = {"name": rounding.name, "changed_weights": changed_weights(qmodel, rounding.states),
+                      "seconds": rounding.seconds, "evaluations": rounding.evaluations}
+        qmodel.rebase_(rounding.states)
     if toolbox is None:
         toolbox = make_toolbox(qmodel, evaluator, **config.toolbox_options)
+    parallel = make_map(backend, workers, toolbox.evaluate, ray_address=ray_address)  # workers start here, once
+    own_map = toolbox.map
+    if backend != "serial":  # on "serial" a user's toolbox keeps its own map
+        toolbox.register("map", parallel)
     _seed_everything(config.seed)
     started = time.perf_counter()
     evaluations = 0
@@ -191,29 +254,62 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
         logbook.record(**entry)
         return entry
 
-    population = toolbox.population(n=config.mu)
-    if config.include_base and population:
-        population[0] = toolbox.individual_class() if hasattr(toolbox, "individual_class") else type(population[0])()
     hall_of_fame = tools.HallOfFame(config.hof_size)
     logbook = tools.Logbook()
     logbook.header = ["gen", "nevals", "evals", "max", "mean", "std", "genes", "seconds"]
+    last_gen = config.ngen
+    pareto_front = tools.ParetoFront() if config.algorithm == "nsga2" else None
+    archives = {"pareto_front": pareto_front} if pareto_front is not None else {}  # checkpointed with the HoF
 
-    nevals = evaluate(population)
-    evaluations += nevals
-    hall_of_fame.update(population)
-    record(0, nevals)
+    def save_checkpoint(gen: int, finished: bool) -> None:
+        if checkpoints is not None and checkpoints.due(gen, finished):
+            checkpoints.save(generation=gen, config=config.to_dict(), population=population,
+                             hall_of_fame=hall_of_fame, logbook=logbook, evaluations=evaluations,
+                             elapsed_seconds=time.perf_counter() - started, finished=finished, archives=archives)
+
+    if resumed is None:
+        population = toolbox.population(n=config.mu)
+        if config.include_base and population:
+            population[0] = (toolbox.individual_class() if hasattr(toolbox, "individual_class")
+                             else type(population[0])())
+        nevals = evaluate(population)
+        evaluations += nevals
+        hall_of_fame.update(population)
+        record(0, nevals)
+        first_gen = 1
+        save_checkpoint(0, finished=config.ngen == 0)
+    else:  # carry on exactly where the checkpoint left off (RNG states included)
+        population = resumed.restore(getattr(toolbox, "individual_class", Individual), hall_of_fame, logbook,
+                                     archives)
+        evaluations = resumed.evaluations
+        started -= resumed.elapsed_seconds
+        first_gen = resumed.generation + 1
+        if resumed.finished and config.ngen == resumed.config.get("ngen"):
+            last_gen = resumed.generation  # it ended there (possibly stopped by a callback)
+        if resumed.torch_threads != torch.get_num_threads():
+            warnings.warn(f"the checkpoint was written with {resumed.torch_threads} torch threads, this process "
+                          f"uses {torch.get_num_threads()}; scores may differ in the last bits "
+                          "(torch.set_num_threads to match)", RuntimeWarning, stacklevel=2)
+    if pareto_front is not None:
+        pareto_front.update(population)
     bar = _progress(config.ngen, progress)
+    if bar is not None and first_gen > 1:
+        bar.update(min(first_gen - 1, config.ngen))
     try:
-        for gen in range(1, config.ngen + 1):
+        for gen in range(first_gen, last_gen + 1):
             if config.algorithm == "simple":
                 offspring = toolbox.select(population, len(population))
                 offspring = algorithms.varAnd(offspring, toolbox, config.cxpb, config.mutpb)
             else:
                 offspring = algorithms.varOr(population, toolbox, config.lambda_, config.cxpb, config.mutpb)
+            if config.algorithm == "mu+lambda":  # a fast evaluator may then stop offspring that cannot be selected
+                announce_parents(evaluator, toolbox, population, config.mu, hall_of_fame)
             nevals = evaluate(offspring)
             evaluations += nevals
             hall_of_fame.update(offspring)
-            if config.algorithm == "mu+lambda":
+            if pareto_front is not None:
+                pareto_front.update(population + offspring)
+            if config.algorithm in ("mu+lambda", "nsga2"):
                 population[:] = toolbox.select(population + offspring, config.mu)
             elif config.algorithm == "mu,lambda":
                 population[:] = toolbox.select(offspring, config.mu)
@@ -223,12 +319,19 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(best=f"{entry['max']:.4f}", genes=len(hall_of_fame[0]))
-            if callback is not None and callback({"gen": gen, "population": population,
-                                                  "hall_of_fame": hall_of_fame, "logbook": logbook}) is True:
+            stop = callback is not None and callback({"gen": gen, "population": population,
+                                                      "hall_of_fame": hall_of_fame, "logbook": logbook}) is True
+            save_checkpoint(gen, finished=stop or gen == last_gen)
+            if stop:
                 break
     finally:
         if bar is not None:
             bar.close()
+        if hasattr(evaluator, "reject_below"):
+            evaluator.reject_below(None)
+        parallel_info = parallel.describe()
+        parallel.close()
+        toolbox.map = own_map  # a caller's toolbox gets its map back, not a closed one
     search_seconds = time.perf_counter() - started
 
     # The search is over: only now is the test split touched.
@@ -255,12 +358,20 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
             float_scores["test"] = test_evaluator.score_module(float_model)[headline]
     best = dict(hof_scores[0])
     best["n_genes"] = len(best["genes"])
+    extra: dict[str, Any] = {}
+    if start_info is not None:
+        extra["start"] = start_info
+    if pareto_front is not None:
+        extra["pareto_front"] = [{**scored(ind), "n_genes": len(ind)} for ind in pareto_front]
     return EvolutionResult(
-        config={**config.to_dict(), "quantization": dict(getattr(qmodel, "config", {}))},
+        config={**config.to_dict(), "quantization": dict(getattr(qmodel, "config", {})),
+                **({"run": run_info} if run_info else {})},
         metric=headline, population=population, logbook=logbook, hall_of_fame=list(hall_of_fame),
         baseline=baseline, best=best, hall_of_fame_scores=hof_scores, evaluations=evaluations,
         seconds=time.perf_counter() - started, float_scores=float_scores,
         details={"search_seconds": search_seconds, "search_evals_per_second": evaluations / max(search_seconds, 1e-9),
                  "n_weights": sum(layer.numel for layer in qmodel.layer_table()),
-                 "layers": [layer.to_dict() for layer in qmodel.layer_table()]},
+                 "layers": [layer.to_dict() for layer in qmodel.layer_table()],
+                 "torch_threads": torch.get_num_threads(), "parallel": parallel_info,
+                 "resumed_from_generation": None if resumed is None else resumed.generation, **extra},
     )

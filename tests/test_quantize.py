@@ -143,7 +143,7 @@ def test_applied_changes_only_gene_weights_and_restores(tiny_model):
 
 def test_offsets_are_clipped_to_the_grid_and_duplicates_add(tiny_model):
     qmodel = quantize(tiny_model, bits=2)
-    states = qmodel.states_with([(0, 0, 100), (0, 1, -100), (1, 2, 1), (1, 2, 1)])
+    states = qmodel.states_with([(0, 0, 2 ** 80), (0, 1, -100), (1, 2, 1), (1, 2, 1)])
     assert int(states[0].view(-1)[0]) == 3 and int(states[0].view(-1)[1]) == 0
     base = int(qmodel.base_states(1).view(-1)[2])
     assert int(states[1].view(-1)[2]) == min(base + 2, 3)
@@ -164,13 +164,15 @@ def test_revert_happens_when_the_body_raises(tiny_model):
     ([(0, 36, 1)], "index=36 is out of range for layer 0; valid indices are 0..35"),
     ([(0, 1.5, 1)], "index=1.5 must be an integer"),
     ([(0, 1)], "is not a \\(layer, index, offset\\) triple"),
-    ([(0, 1, 2 ** 70)], "out of the int64 range"),
+    ([(0, 2 ** 70, 1)], "index=1180591620717411303424 is out of range for layer 0; valid indices are 0..35"),
+    ([(np.int64(0), 40, 1)], "gene #1 \\(0, 40, 1\\): index=40"),
+    (5, "genes must be an iterable"),
 ])
 def test_bad_genes_are_rejected_before_any_weight_changes(tiny_model, genes, message):
     qmodel = quantize(tiny_model, bits=2)
     before = _weights(qmodel)
     with pytest.raises(GeneError, match=message):
-        qmodel.apply_([(1, 0, 1)] + genes)
+        qmodel.apply_([(1, 0, 1), *genes] if isinstance(genes, list) else genes)
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(qmodel)))
 
 

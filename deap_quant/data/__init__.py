@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from .detection import CanvasConfig, digit_canvases
 from .digits import Splits, digits
+from .local import DatasetNotFound, cifar10, coco, imagefolder, mnist, voc
 
-__all__ = ["Splits", "digits", "DATASETS", "load_dataset"]
+__all__ = ["Splits", "digits", "DATASETS", "load_dataset",
+           "digit_canvases", "CanvasConfig", "mnist", "cifar10", "imagefolder", "voc", "coco", "DatasetNotFound"]
 
 #: name -> loader(data_root, seed) returning :class:`Splits`.
 DATASETS: dict[str, Callable[[Optional[str], int], Splits]] = {
     "digits": lambda root, seed: digits(seed),
+    "digit-canvases": lambda root, seed: digit_canvases(seed),
+    "mnist": mnist, "cifar10": cifar10, "imagefolder": imagefolder, "voc": voc, "coco": coco,
 }
 
 

@@ -1,7 +1,12 @@
 """Fitness evaluation: apply genes, measure a metric on a data split, revert. No DEAP here."""
 
+from .cache import ActivationCache, CacheEntry, default_budget
 from .evaluator import DataSpec, Evaluator, FunctionEvaluator, materialize
+from .incremental import IncrementalEvaluator, announce_parents
 from .metrics import METRICS, Accuracy, BatchMetric, CrossEntropy, Metric, TopK, make_metric
+from .stages import Stage, StageSplit, register_splitter, split_model
 
 __all__ = ["DataSpec", "Evaluator", "FunctionEvaluator", "materialize",
-           "METRICS", "Accuracy", "BatchMetric", "CrossEntropy", "Metric", "TopK", "make_metric"]
+           "METRICS", "Accuracy", "BatchMetric", "CrossEntropy", "Metric", "TopK", "make_metric",
+           "IncrementalEvaluator", "announce_parents", "ActivationCache", "CacheEntry", "default_budget",
+           "Stage", "StageSplit", "split_model", "register_splitter"]

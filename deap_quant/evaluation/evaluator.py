@@ -23,8 +23,14 @@ DataSpec = Union[DataLoader, Dataset, tuple]
 
 
 def materialize(data: DataSpec, batch_size: int) -> list[tuple[Any, Any]]:
-    """Turn a DataLoader, a Dataset or an ``(inputs, targets)`` pair into a fixed list of batches."""
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+    """Turn a DataLoader, a Dataset or an ``(inputs, targets)`` pair into a fixed list of batches.
+
+    In a pair, inputs are a tensor or a list of tensors (e.g. detection images of different sizes)
+    and targets anything sliceable of the same length (a tensor, or a list of detection dicts).
+    """
+    if isinstance(data, tuple) and len(data) == 2 and (
+            isinstance(data[0], torch.Tensor)
+            or (isinstance(data[0], list) and all(isinstance(x, torch.Tensor) for x in data[0]))):
         inputs, targets = data
         if len(inputs) != len(targets):
             raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")

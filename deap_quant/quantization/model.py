@@ -55,10 +55,15 @@ def as_gene_array(genes: Iterable[Sequence[int]], n_layers: int | None = None,
                   layer_sizes: Sequence[int] | None = None) -> np.ndarray:
     """Validate genes and return them as an ``int64`` array of shape ``[n, 3]``.
 
-    Raises :class:`GeneError` naming the first bad gene and what would be valid.
+    Offsets of any size are accepted (they are clipped to the grid when applied); layers and
+    indices must exist. Raises :class:`GeneError` naming the first bad gene and what is valid.
     """
+    try:
+        iterator = iter(genes)
+    except TypeError:
+        raise GeneError(f"genes must be an iterable of (layer, index, offset) triples, got {genes!r}") from None
     rows = []
-    for position, gene in enumerate(genes):
+    for position, gene in enumerate(iterator):
         try:
             layer, index, offset = gene
         except (TypeError, ValueError):
@@ -67,24 +72,18 @@ def as_gene_array(genes: Iterable[Sequence[int]], n_layers: int | None = None,
         for field, value in (("layer", layer), ("index", index), ("offset", offset)):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
                 raise GeneError(f"gene #{position} {gene!r}: {field}={value!r} must be an integer")
-            if not -(2 ** 62) < int(value) < 2 ** 62:
-                raise GeneError(f"gene #{position} {gene!r}: {field}={value!r} is out of the int64 range")
             values.append(int(value))
-        rows.append(values)
-    array = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
-    if n_layers is not None and len(array):
-        bad = np.flatnonzero((array[:, 0] < 0) | (array[:, 0] >= n_layers))
-        if len(bad):
-            raise GeneError(f"gene #{bad[0]} {tuple(array[bad[0]])}: layer={array[bad[0], 0]} is out of "
-                            f"range; valid layers are 0..{n_layers - 1}")
-    if layer_sizes is not None and len(array):
-        sizes = np.asarray(layer_sizes, dtype=np.int64)[array[:, 0]]
-        bad = np.flatnonzero((array[:, 1] < 0) | (array[:, 1] >= sizes))
-        if len(bad):
-            layer = array[bad[0], 0]
-            raise GeneError(f"gene #{bad[0]} {tuple(array[bad[0]])}: index={array[bad[0], 1]} is out of "
-                            f"range for layer {layer}; valid indices are 0..{sizes[bad[0]] - 1}")
-    return array
+        layer, index, offset = values
+        shown = f"gene #{position} ({layer}, {index}, {offset})"
+        if n_layers is not None and not 0 <= layer < n_layers:
+            raise GeneError(f"{shown}: layer={layer} is out of range; valid layers are 0..{n_layers - 1}")
+        if layer_sizes is not None and not 0 <= index < layer_sizes[layer]:
+            raise GeneError(f"{shown}: index={index} is out of range for layer {layer}; valid indices are "
+                            f"0..{layer_sizes[layer] - 1}")
+        if not -(2 ** 62) < layer < 2 ** 62 or not -(2 ** 62) < index < 2 ** 62:
+            raise GeneError(f"{shown}: layer and index must be non-negative integers below 2**62")
+        rows.append((layer, index, max(-(2 ** 31), min(2 ** 31, offset))))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 
 class QuantizedModel:

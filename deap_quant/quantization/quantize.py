@@ -11,6 +11,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from .fold import fold_bn as fold_batchnorm
 from .grids import fit_codebook_grid, fit_uniform_grid
 from .model import QuantizedModel
 
@@ -41,6 +42,8 @@ class QuantConfig:
     symmetric: bool = True
     scale_method: str = "minmax"
     scheme: str = "uniform"
+    #: Fold BatchNorm into the preceding conv before quantizing (see :func:`quantize`).
+    fold_bn: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -50,7 +53,7 @@ class QuantConfig:
         if self.scale_method not in SCALE_METHODS:
             raise ValueError(f"scale_method={self.scale_method!r} is not valid; use one of "
                              f"{', '.join(SCALE_METHODS)}")
-        for name in ("per_channel", "symmetric"):
+        for name in ("per_channel", "symmetric", "fold_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use True or False")
 
@@ -90,7 +93,7 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetric: bool = True,
              scale_method: str = "minmax", layers: LayerFilter = None, scheme: str = "uniform",
-             config: Optional[QuantConfig] = None) -> QuantizedModel:
+             fold_bn: bool = False, config: Optional[QuantConfig] = None) -> QuantizedModel:
     """Quantize the weights of ``model``'s Conv and Linear layers with nearest rounding.
 
     The model is copied, never modified. ``layers`` selects layers by qualified-name glob
@@ -98,12 +101,23 @@ def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetri
     fits an affine grid (``scale_method="minmax"`` or the MSE-optimal clipping ``"mse"``);
     ``scheme="kmeans"`` fits a codebook of ``2**bits`` levels by 1-D k-means. Biases and
     activations stay in floating point.
+
+    ``fold_bn=True`` first folds every BatchNorm that directly follows a conv into that conv
+    (:func:`~deap_quant.quantization.fold.fold_bn`; the BatchNorm becomes ``Identity``) and
+    quantizes the folded weights, which is what an integer deployment runs. The default,
+    ``False``, quantizes the weights as the model holds them and keeps its structure. With
+    per-channel grids the two are nearly the same, as each channel's grid absorbs a positive
+    BatchNorm factor (only weights on an exact rounding tie, such as a channel's extreme, may
+    land one level apart; a negative factor mirrors the channel on the asymmetric integer range);
+    with per-tensor grids they differ, and ``fold_bn=True`` is the realistic setting.
     """
     if config is None:
         config = QuantConfig(bits=bits, per_channel=per_channel, symmetric=symmetric,
-                             scale_method=scale_method, scheme=scheme)
+                             scale_method=scale_method, scheme=scheme, fold_bn=fold_bn)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config.fold_bn:
+        model = fold_batchnorm(model)
     candidates = quantizable_layers(model)
     if not candidates:
         kinds = ", ".join(t.__name__ for t in QUANTIZABLE_TYPES)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from ..data import Splits, digits
+from ..evaluation.metrics import Metric, make_metric
 from .cache import cache_dir, load_checkpoint, save_checkpoint
 from .training import accuracy, train_classifier
 
@@ -38,10 +39,21 @@ class Recipe:
     data: Callable[[int], Splits]
     train: Callable[[nn.Module, Splits, int], nn.Module]
     score: Callable[[nn.Module, Any], float]
-    metric: str = "accuracy"
+    #: A name in ``evaluation.metrics.METRICS`` or a factory of fresh Metric objects; ``score``
+    #: returns this metric's headline value, so float and quantized scores compare directly.
+    metric: Union[str, Callable[[], Metric]] = "accuracy"
     version: int = 1
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+
+    def new_metric(self) -> Metric:
+        """A fresh metric object for this recipe's evaluators."""
+        return make_metric(self.metric) if isinstance(self.metric, str) else self.metric()
+
+    @property
+    def metric_name(self) -> str:
+        """The headline name of the recipe's metric (e.g. ``accuracy``, ``mse``, ``map_50``)."""
+        return self.metric if isinstance(self.metric, str) else self.new_metric().name
 
 
 @dataclass
@@ -110,7 +122,7 @@ def load_model(name: str, *, seed: int = 0, cache: Optional[str] = None, retrain
     seconds = time.perf_counter() - started
     scores = {"val": recipe.score(model, splits.val), "test": recipe.score(model, splits.test)}
     if verbose:
-        print(f"trained {name} in {seconds:.1f} s: float {recipe.metric} val {scores['val']:.4f}, "
+        print(f"trained {name} in {seconds:.1f} s: float {recipe.metric_name} val {scores['val']:.4f}, "
               f"test {scores['test']:.4f}; cached at {path}", flush=True)
     try:
         save_checkpoint(path, {"recipe": name, "version": recipe.version, "seed": seed, "float": scores,

@@ -1,0 +1,574 @@
+"""Fast fitness: resume from cached activations, stop hopeless individuals early, never evaluate twice.
+
+:class:`IncrementalEvaluator` is a drop-in :class:`~deap_quant.evaluation.evaluator.Evaluator`
+(same call, ``scores``, ``score_module``, ``with_data``, ``headline``, ``evaluations``) that
+returns bit-identical fitness values, faster:
+
+* **Stages and cached activations.** The model runs as a :class:`~.stages.StageSplit`. The
+  activations of fully evaluated genomes are kept per validation batch in an
+  :class:`~.cache.ActivationCache` (LRU, byte budget). A new genome starts from the cached
+  genome that agrees with it on the longest prefix of stages (its parent, usually, found by
+  comparing genes per stage, so DEAP's clone-then-mutate needs no bookkeeping) and recomputes
+  only the stages from the first one its genes change.
+* **Memoisation.** A genome is keyed by the weights it actually changes (merged, clipped to
+  the grid, no-ops dropped); a key seen before returns its stored fitness.
+* **Exact early rejection** (accuracy-type metrics, when a threshold is set by
+  :meth:`IncrementalEvaluator.prepare_generation`, which :func:`~deap_quant.evolve` calls before
+  each ``(mu+lambda)`` generation): batches are evaluated one at a time, those where the
+  closest cached ancestor did worst first, and the evaluation stops once the fitness
+  ``(accuracy, -loss)`` is certain to end strictly below the threshold: even a perfect
+  remainder would leave the accuracy below the threshold's, or level with it while the loss so
+  far already exceeds the threshold's loss. The individual then gets an upper bound of its
+  fitness that still ranks below every parent that set the threshold -- ``(best possible
+  accuracy, inf)``, or ``(best possible accuracy, -loss so far)`` in the second case -- and
+  :meth:`IncrementalEvaluator.is_rejected` is true for it. Its exact value is computed if it is
+  ever asked for without a threshold that excludes it.
+
+Batches are those of the plain evaluator (same size, same order of metric updates), so every
+complete fitness equals ``Evaluator(...)(genes)`` bit for bit. This module imports torch only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+from ..quantization.model import QuantizedModel
+from .cache import ActivationCache, CacheEntry, _storages, default_budget
+from .evaluator import DataSpec, Evaluator
+from .metrics import Accuracy, MetricSpec
+from .stages import StageSpec, StageSplit, split_model
+
+__all__ = ["IncrementalEvaluator", "Outcome", "announce_parents", "REJECTED_TIE_BREAK"]
+
+#: Weights per quantized layer compared before every evaluation to notice hand-made rewrites.
+PROBES_PER_LAYER = 64
+
+#: Gene lists whose genome key is remembered (cleared when full).
+KEY_CACHE_SIZE = 65_536
+
+#: Relative margin on a partial loss sum used as a lower bound of the complete one: far above
+#: the rounding error of adding up to a million non-negative per-batch values in any order.
+LOSS_BOUND_MARGIN = 1e-9
+
+#: A convolution stage is patched when at most 1/PATCH_FRACTION of its output channels changed.
+PATCH_FRACTION = 8
+
+#: Tie-break component of a rejected individual's fitness: marks it, and keeps it an upper bound.
+REJECTED_TIE_BREAK = math.inf
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Result of one evaluation: the fitness, the named scores (if complete) and whether it is exact."""
+
+    fitness: tuple[float, ...]
+    summary: Optional[dict[str, float]]
+    exact: bool
+
+
+class IncrementalEvaluator(Evaluator):
+    """An :class:`~deap_quant.evaluation.evaluator.Evaluator` with staged caching, memoisation and early rejection.
+
+    ``stages``: how the model is split (see :func:`~.stages.split_model`; ``"auto"`` by
+    default, a list of stages for a user-declared split, ``"single"`` to disable reuse).
+    ``cache_bytes``: budget of the activation cache in bytes (``None``: a quarter of the memory
+    available when the evaluator starts; ``0``: no cache). ``early_rejection``: allow
+    rejection when a threshold is set (accuracy-type metrics only). ``memoize``: return stored
+    fitness for genomes evaluated before (``memo_size`` most recent genomes). ``threads``:
+    torch intra-op threads while evaluating (``None`` leaves torch's setting alone).
+    """
+
+    def __init__(self, qmodel: QuantizedModel, data: DataSpec, metric: MetricSpec = "accuracy",
+                 batch_size: int = 512, *, stages: StageSpec = "auto", cache_bytes: Optional[int] = None,
+                 early_rejection: bool = True, memoize: bool = True, memo_size: int = 100_000,
+                 threads: Optional[int] = None):
+        super().__init__(qmodel, data, metric=metric, batch_size=batch_size)
+        if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
+                                        or cache_bytes < 0):
+            raise ValueError(f"cache_bytes={cache_bytes!r} is not valid; use a number of bytes >= 0 or None")
+        for name, value in (("early_rejection", early_rejection), ("memoize", memoize)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is not valid; use True or False")
+        if isinstance(memo_size, bool) or not isinstance(memo_size, int) or memo_size < 1:
+            raise ValueError(f"memo_size={memo_size!r} is not valid; use an integer >= 1")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads={threads!r} is not valid; use an integer >= 1 or None")
+        self.stages_spec = stages
+        self.cache_bytes = cache_bytes
+        self.early_rejection = early_rejection
+        self.memoize = memoize
+        self.memo_size = memo_size
+        self.threads = threads
+        self.threshold: Optional[float] = None
+        self._memo: OrderedDict[Hashable, Outcome] = OrderedDict()
+        self._keys: dict[tuple, tuple] = {}  # gene tuples -> genome key, for the current base
+        self._base_flat = [qmodel.base_states(layer).view(-1).numpy() for layer in range(len(qmodel.layers))]
+        self._reset_counters()
+        self._unprepare()
+
+    # ------------------------------------------------------------------ set-up
+    def _unprepare(self) -> None:
+        self._split: Optional[StageSplit] = None
+        self._split_module: Optional[int] = None
+        self._cache: Optional[ActivationCache] = None
+        self._layer_stage: list[int] = []
+        self._new_bytes: list[int] = []
+        self._probes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._patches: dict[int, tuple[int, int]] = {}
+        self._token: Optional[tuple] = None
+
+    def _reset_counters(self) -> None:
+        self.memo_hits = 0
+        self.computed = 0
+        self.rejected_count = 0
+        self.samples_computed = 0
+        self.samples_skipped = 0
+        self.stage_batches = 0
+        self.stage_batches_full = 0
+        self.start_stages = 0
+        self.patched = 0
+
+    @property
+    def rejecting_metric(self) -> bool:
+        """Whether the metric allows exact early rejection: accuracy or top-k (exactly :class:`Accuracy`)."""
+        return type(self.metric) is Accuracy
+
+    def _current_token(self) -> tuple:
+        """Identifies the weights the model holds without genes.
+
+        It changes when :meth:`QuantizedModel.rebase_` rewrites the base states (exactly, by
+        their version counters) and when weights are rewritten by hand, e.g. by
+        ``baselines.temporarily_rounded`` (probed at :data:`PROBES_PER_LAYER` fixed positions
+        per layer, so a rewrite of a whole layer is caught; after editing single weights by
+        hand, call :meth:`reset`).
+        """
+        versions = tuple(self.qmodel.base_states(layer)._version for layer in range(len(self.qmodel.layers)))
+        probed = torch.cat([flat[index] for flat, index in self._probes]) if self._probes else torch.empty(0)
+        return (id(self.qmodel.module), versions, probed.numpy().tobytes())
+
+    def _prepare(self) -> StageSplit:
+        if self._split is None or self._split_module != id(self.qmodel.module):
+            self._build()
+        token = self._current_token()
+        if token != self._token:  # other base weights: every stored activation and fitness is stale
+            if self._cache is not None:
+                self._cache.clear()
+            self._memo.clear()
+            self._keys.clear()
+            self._token = token
+        return self._split
+
+    def _build(self) -> None:
+        sample = self.batches[0][0]
+        names = [layer.name for layer in self.qmodel.layers]
+        try:
+            split = split_model(self.qmodel.module, self.stages_spec, quantized=names, sample=sample)
+        except RuntimeError as error:
+            shape = tuple(sample.shape) if hasattr(sample, "shape") else type(sample).__name__
+            raise ValueError(f"inputs of shape {shape} do not fit the model: {error}") from error
+        shapes = {}
+        for inputs, _ in self.batches:
+            shapes.setdefault(tuple(inputs.shape) if hasattr(inputs, "shape") else None, inputs)
+        split.verify_patches(shapes.values())
+        modules = dict(self.qmodel.module.named_modules())
+        weights = [modules[name].weight for name in names]
+        self._layer_stage = split.stages_of_weights(weights)
+        layer_of = {id(modules[name]): layer for layer, name in enumerate(names)}
+        self._patches = {}  # stage -> (layer, weights per output channel) where a ChannelPatch applies
+        for index, stage in enumerate(split.stages):
+            layer = layer_of.get(id(stage.patch.module)) if stage.patch is not None else None
+            if layer is not None and self._layer_stage[layer] == index:
+                self._patches[index] = (layer, self.qmodel.layers[layer].numel // stage.patch.channels)
+        generator = torch.Generator().manual_seed(0)
+        self._probes = [(weight.data.view(-1), torch.randint(weight.numel(), (min(weight.numel(), PROBES_PER_LAYER),),
+                                                             generator=generator)) for weight in weights]
+        budget = default_budget() if self.cache_bytes is None else self.cache_bytes
+        self._cache = ActivationCache(budget) if len(split) > 1 and budget > 0 else None
+        self._new_bytes = self._estimate_new_bytes(split, sample) if self._cache is not None else []
+        self._memo.clear()
+        self._keys.clear()
+        self._split, self._split_module, self._token = split, id(self.qmodel.module), None
+
+    def _estimate_new_bytes(self, split: StageSplit, sample: Any) -> list[int]:
+        """``[k]``: bytes of the activations an evaluation starting at stage ``k`` adds to the cache."""
+        with torch.inference_mode():
+            states, state = [None], sample
+            for stage in split.stages:
+                state = stage(state)
+                states.append(state)
+        per_stage = [_storages(state) if state is not None else {} for state in states]
+        scale = self.n_samples / max(1, _batch_length(self.batches[0]))
+        estimates = []
+        for start in range(len(split) + 1):
+            shared = set().union(*per_stage[1:start + 1]) if start else set()
+            fresh: dict[int, int] = {}
+            for found in per_stage[start + 1:]:
+                fresh.update({k: v for k, v in found.items() if k not in shared})
+            estimates.append(int(math.ceil(sum(fresh.values()) * scale)))
+        return estimates
+
+    def reset(self) -> None:
+        """Forget cached activations and stored fitness (call after changing the model's weights by hand)."""
+        if self._cache is not None:
+            self._cache.clear()
+        self._memo.clear()
+        self._keys.clear()
+        self._token = None
+
+    @property
+    def split(self) -> StageSplit:
+        """The stage split in use (built, and verified, on first use)."""
+        return self._prepare()
+
+    # ------------------------------------------------------------------ genomes
+    def genome_key(self, genes: Iterable[Sequence[int]]) -> tuple:
+        """The weights ``genes`` actually change, as ``((layer, indices, states), ...)``.
+
+        Genes are merged and clipped exactly as :meth:`QuantizedModel.apply_` does; genes that
+        leave a weight on its base state are dropped. Invalid genes raise ``GeneError``.
+        """
+        genes = list(genes)
+        try:
+            raw = tuple(tuple(gene) for gene in genes)
+            known = self._keys.get(raw)
+        except TypeError:  # unhashable values: let the model's validation speak
+            raw, known = None, None
+        if known is not None:
+            return known
+        key = self._fast_key(genes)
+        if key is None:  # something unusual: the model's own (validating, vectorised) grouping
+            changes = []
+            for layer, index, states in self.qmodel._grouped(genes):
+                base = self.qmodel.base_states(layer).view(-1)[index].to(torch.int64)
+                keep = states != base
+                if bool(keep.any()):
+                    changes.append((layer, tuple(index[keep].tolist()), tuple(states[keep].tolist())))
+            key = tuple(changes)
+        if raw is not None:
+            if len(self._keys) >= KEY_CACHE_SIZE:
+                self._keys.clear()
+            self._keys[raw] = key
+        return key
+
+    def _fast_key(self, genes: list) -> Optional[tuple]:
+        """:meth:`genome_key` in plain Python for well-formed genes (``None`` for anything else).
+
+        Mirrors :meth:`QuantizedModel._grouped`: each offset clipped to the number of levels,
+        offsets on one weight added up, the state clamped to the grid.
+        """
+        layers = self.qmodel.layers
+        merged: dict[tuple[int, int], int] = {}
+        for gene in genes:
+            if len(gene) != 3 or not all(type(value) is int for value in gene):
+                return None
+            layer, index, offset = gene
+            if not (0 <= layer < len(layers) and 0 <= index < layers[layer].numel and abs(offset) < 2 ** 62):
+                return None
+            limit = layers[layer].n_levels
+            merged[layer, index] = merged.get((layer, index), 0) + max(-limit, min(limit, offset))
+        by_layer: dict[int, list[tuple[int, int]]] = {}
+        for (layer, index), offset in sorted(merged.items()):
+            base = int(self._base_flat[layer][index])
+            state = max(0, min(layers[layer].n_levels - 1, base + offset))
+            if state != base:
+                by_layer.setdefault(layer, []).append((index, state))
+        return tuple((layer, tuple(i for i, _ in pairs), tuple(v for _, v in pairs))
+                     for layer, pairs in by_layer.items())
+
+    def _signature(self, key: tuple) -> tuple:
+        by_stage: list[list] = [[] for _ in range(len(self._split))]
+        for change in key:
+            by_stage[self._layer_stage[change[0]]].append(change)
+        return tuple(tuple(changes) for changes in by_stage)
+
+    def stored(self, genes: Iterable[Sequence[int]]) -> Optional[Outcome]:
+        """The stored :class:`Outcome` of ``genes`` (memoised), or ``None``."""
+        self._prepare()
+        return self._memo.get(self.genome_key(genes))
+
+    def is_rejected(self, genes: Iterable[Sequence[int]]) -> bool:
+        """Whether the stored fitness of ``genes`` is an early-rejection upper bound, not its value."""
+        outcome = self.stored(genes)
+        return outcome is not None and not outcome.exact
+
+    # ------------------------------------------------------------------ thresholds
+    def reject_below(self, threshold: Union[None, float, Sequence[float]]) -> None:
+        """Allow rejecting individuals whose fitness is certain to be strictly below ``threshold``.
+
+        ``threshold`` is a fitness tuple ``(accuracy, tie-break)`` compared lexicographically, or
+        a number (the accuracy alone); ``None`` switches rejection off. Only :meth:`__call__`
+        rejects; :meth:`scores` is always complete.
+        """
+        if threshold is None:
+            self.threshold = None
+            return
+        values = (threshold, -math.inf) if isinstance(threshold, (int, float)) else tuple(threshold)
+        if (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
+                or any(math.isnan(v) for v in values)):
+            raise ValueError(f"threshold={threshold!r} is not valid; use a number, a pair of numbers, or None")
+        self.threshold = (float(values[0]), float(values[1]))
+
+    def prepare_generation(self, parents: Sequence[Any], mu: int, hall_of_fame: Optional[Sequence[Any]] = None,
+                           reject: bool = True) -> Optional[tuple[float, float]]:
+        """Before a ``(mu+lambda)`` generation: keep the parents' activations fresh, set the threshold.
+
+        With ``reject``, the threshold is the smaller (lexicographically) of the ``mu``-th best
+        parent's fitness and the worst hall-of-fame member's (when the hall of fame is full):
+        an offspring strictly below both can neither be selected by ``selBest`` nor enter the
+        hall of fame. Every individual needs a valid two-value fitness with positive weights
+        (maximised); otherwise no threshold is set. Returns the threshold.
+        """
+        self._prepare()
+        members = list(parents) + list(hall_of_fame or [])
+        if self._cache is not None:
+            for individual in members:
+                self._cache.touch(self.genome_key(individual))
+        threshold = None
+        usable = all(getattr(ind, "fitness", None) is not None and ind.fitness.valid
+                     and len(ind.fitness.values) == 2 and all(w > 0 for w in ind.fitness.weights)
+                     for ind in members)
+        if reject and usable and mu >= 1 and len(parents) >= mu:
+            threshold = sorted((tuple(ind.fitness.values) for ind in parents), reverse=True)[mu - 1]
+            if hall_of_fame is not None:
+                maxsize = getattr(hall_of_fame, "maxsize", None)
+                if maxsize is None or len(hall_of_fame) < maxsize:
+                    threshold = None
+                elif len(hall_of_fame):
+                    threshold = min(threshold, tuple(hall_of_fame[-1].fitness.values))
+        self.reject_below(threshold)
+        return self.threshold
+
+    # ------------------------------------------------------------------ evaluation
+    def __call__(self, genes: Iterable[Sequence[int]] = ()) -> tuple[float, ...]:
+        """Fitness of ``genes``: exact, or an upper bound if rejected early (see the module docstring)."""
+        self.evaluations += 1
+        threshold = self.threshold if self.early_rejection and self.rejecting_metric else None
+        return self._evaluate(genes, threshold).fitness
+
+    def scores(self, genes: Iterable[Sequence[int]] = ()) -> dict[str, float]:
+        """Named metric values of the quantized model with ``genes`` applied (never rejected)."""
+        outcome = self._evaluate(genes, None)
+        return dict(outcome.summary)
+
+    def with_data(self, data: DataSpec) -> IncrementalEvaluator:
+        """A new evaluator with the same model, metric, batch size and options on other data."""
+        return IncrementalEvaluator(self.qmodel, data, metric=copy.copy(self.metric), batch_size=self.batch_size,
+                                    stages=self.stages_spec, cache_bytes=self.cache_bytes,
+                                    early_rejection=self.early_rejection, memoize=self.memoize,
+                                    memo_size=self.memo_size, threads=self.threads)
+
+    def _remember(self, key: Hashable, outcome: Outcome) -> Outcome:
+        if self.memoize:
+            self._memo[key] = outcome
+            self._memo.move_to_end(key)
+            while len(self._memo) > self.memo_size:
+                self._memo.popitem(last=False)
+        return outcome
+
+    def _evaluate(self, genes: Iterable[Sequence[int]], threshold: Optional[tuple[float, float]]) -> Outcome:
+        genes = list(genes)
+        split = self._prepare()
+        key = self.genome_key(genes)
+        known = self._memo.get(key)
+        if known is not None and (known.exact or (threshold is not None and known.fitness < threshold)):
+            self._memo.move_to_end(key)
+            self.memo_hits += 1
+            return known
+        previous = torch.get_num_threads()
+        if self.threads is not None and self.threads != previous:
+            torch.set_num_threads(self.threads)
+        try:
+            outcome = self._compute(genes, key, split, threshold)
+        finally:
+            if self.threads is not None and self.threads != previous:
+                torch.set_num_threads(previous)
+        return self._remember(key, outcome)
+
+    def _compute(self, genes: list, key: tuple, split: StageSplit,
+                 threshold: Optional[tuple[float, float]]) -> Outcome:
+        batches = self.batches
+        n_stages, n_batches, total = len(split), len(batches), self.n_samples
+        cache = self._cache
+        signature = self._signature(key) if cache is not None else ()
+        ancestor, start = cache.closest(signature) if cache is not None else (None, 0)
+        if ancestor is None and cache is not None and 0 in self._patches:
+            ancestor = cache.latest()  # nothing shared, but the first convolution may still be patched
+        if ancestor is not None:
+            cache.touch(ancestor.key)
+        reserved = 0
+        store = cache is not None and start < n_stages
+        if store:
+            reserved = self._new_bytes[start]
+            store = cache.reserve(reserved, keep=(ancestor.key,) if ancestor is not None else ())
+            if not store:
+                reserved = 0
+        new_states: list[Optional[list[Any]]] = [None] * (n_stages + 1)
+        for stage in range(start + 1, n_stages + 1):
+            new_states[stage] = [None] * n_batches
+        if start == n_stages:  # the same weights are cached (memo forgotten or off): reuse the outputs
+            new_states[n_stages] = list(ancestor.states[n_stages])
+        rejecting = threshold is not None and self.rejecting_metric
+        order = list(range(n_batches))
+        if rejecting and ancestor is not None and ancestor.batch_scores is not None:
+            # The batches where the ancestor did worst first: a hopeless offspring is caught sooner.
+            scores = ancestor.batch_scores
+            order.sort(key=lambda b: (scores[b][0] / max(1, _batch_length(batches[b])), -scores[b][1]))
+        scratch = copy.copy(self.metric) if self.rejecting_metric else None
+        batch_scores: Optional[list[tuple[int, float]]] = [(0, 0.0)] * n_batches if scratch is not None else None
+        correct, loss, seen = 0, 0.0, 0
+        bound: Optional[tuple[float, float]] = None
+        channels = self._changed_channels(start, signature, ancestor)
+        first = start + 1 if channels else start
+        self.computed += 1
+        self.start_stages += start
+        self.patched += bool(channels)
+        try:
+            with self.qmodel.applied(genes), torch.inference_mode():
+                for done, b in enumerate(order, start=1):
+                    inputs, targets = batches[b]
+                    state = inputs if start == 0 else ancestor.states[start][b]
+                    if channels:  # one convolution, a few output channels changed: patch the ancestor's output
+                        state = split.stages[start].patch(state, ancestor.states[start + 1][b], channels)
+                        if store or first == n_stages:
+                            new_states[first][b] = state
+                    for stage in range(first, n_stages):
+                        try:
+                            state = split.stages[stage](state)
+                        except RuntimeError as error:
+                            shape = tuple(inputs.shape) if hasattr(inputs, "shape") else type(inputs).__name__
+                            raise ValueError(f"inputs of shape {shape} do not fit the model: {error}") from error
+                        if store or stage + 1 == n_stages:
+                            new_states[stage + 1][b] = state
+                    self.stage_batches += n_stages - start
+                    self.stage_batches_full += n_stages
+                    seen += _batch_length((inputs, targets))
+                    if scratch is None:
+                        continue
+                    scratch.reset()
+                    scratch.update(state, targets)  # the metric's own counting, on this batch alone
+                    batch_scores[b] = (scratch.correct, scratch.loss_sum)
+                    correct += scratch.correct
+                    loss += scratch.loss_sum
+                    if rejecting and done < n_batches:
+                        bound = _upper_bound(correct, loss, total - seen, total, threshold)
+                        if bound is not None:
+                            break
+                self.samples_computed += seen
+                if bound is not None:
+                    self.rejected_count += 1
+                    self.samples_skipped += total - seen
+                    return Outcome(bound, None, exact=False)
+                metric = self.metric  # the complete fitness: every batch, in the plain evaluator's order
+                metric.reset()
+                outputs = new_states[n_stages]
+                for b, (_, targets) in enumerate(batches):
+                    metric.update(outputs[b], targets)
+                outcome = Outcome(tuple(metric.fitness()), metric.summary(), exact=True)
+            if store:
+                states = [None] + [ancestor.states[s] if s <= start else new_states[s]
+                                   for s in range(1, n_stages + 1)]
+                cache.insert(CacheEntry(key, signature, states, batch_scores), reserved=reserved)
+                reserved = 0
+            return outcome
+        finally:
+            if reserved:
+                cache.release(reserved)
+
+    def _changed_channels(self, start: int, signature: tuple, ancestor: Optional[CacheEntry]) -> list[int]:
+        """Output channels to recompute if stage ``start`` can be patched from ``ancestor``, else ``[]``."""
+        if ancestor is None or start not in self._patches:
+            return []
+        layer, per_channel = self._patches[start]
+        mine = {i: v for change in signature[start] if change[0] == layer for i, v in zip(change[1], change[2])}
+        theirs = {i: v for change in ancestor.signature[start] if change[0] == layer
+                  for i, v in zip(change[1], change[2])}
+        changed = sorted({i // per_channel for i in mine.keys() | theirs.keys() if mine.get(i) != theirs.get(i)})
+        total = self._split.stages[start].patch.channels
+        return changed if 0 < len(changed) <= max(1, total // PATCH_FRACTION) else []
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> dict[str, Any]:
+        """Counters of the work done and saved (calls, memo hits, rejections, samples, cache memory)."""
+        possible = self.computed * self.n_samples if self.computed else 0
+        return {
+            "calls": self.evaluations, "memo_hits": self.memo_hits, "computed": self.computed,
+            "rejected": self.rejected_count, "samples_computed": self.samples_computed,
+            "samples_skipped": self.samples_skipped,
+            "skipped_fraction": self.samples_skipped / possible if possible else 0.0,
+            "stage_fraction": self.stage_batches / self.stage_batches_full if self.stage_batches_full else 0.0,
+            "mean_start_stage": self.start_stages / self.computed if self.computed else 0.0,
+            "patched": self.patched,
+            "split": self._split.kind if self._split is not None else None,
+            "stages": len(self._split) if self._split is not None else None,
+            "cache": self._cache.stats() if self._cache is not None else None,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for name in ("_split", "_split_module", "_cache", "_layer_stage", "_new_bytes", "_probes", "_patches",
+                     "_token", "_base_flat", "_keys"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._keys = {}
+        self._base_flat = [self.qmodel.base_states(layer).view(-1).numpy() for layer in range(len(self.qmodel.layers))]
+        self._unprepare()
+
+
+def _batch_length(batch: tuple[Any, Any]) -> int:
+    targets = batch[1]
+    return len(targets) if hasattr(targets, "__len__") else 1
+
+
+def _upper_bound(correct: int, loss: float, remaining: int, total: int,
+                 threshold: tuple[float, float]) -> Optional[tuple[float, float]]:
+    """An upper bound of the final ``(accuracy, -loss)`` strictly below ``threshold``, or ``None``.
+
+    ``correct`` and ``loss`` are the counts of the batches seen so far. With every remaining
+    sample correct the accuracy is at most ``(correct + remaining) / total``: below the
+    threshold's accuracy the individual is out (tie-break ``inf``). Level with it, the loss
+    decides: losses are not negative, so the final loss sum is at least the sum so far, up to
+    the rounding of adding the same per-batch values in another order, which
+    :data:`LOSS_BOUND_MARGIN` covers.
+    """
+    accuracy = (correct + remaining) / total
+    if accuracy < threshold[0]:
+        return accuracy, REJECTED_TIE_BREAK
+    if accuracy == threshold[0]:
+        tie_break = -(loss * (1.0 - LOSS_BOUND_MARGIN)) / total
+        if tie_break < threshold[1]:
+            return accuracy, tie_break
+    return None
+
+
+def _selects_best(select: Any) -> bool:
+    func = getattr(select, "func", select)
+    plain = not getattr(select, "args", ()) and not getattr(select, "keywords", {})
+    return plain and getattr(func, "__name__", "") == "selBest" and getattr(func, "__module__", "").startswith("deap")
+
+
+def announce_parents(evaluator: Any, toolbox: Any, parents: Sequence[Any], mu: int,
+                     hall_of_fame: Optional[Sequence[Any]] = None) -> Optional[float]:
+    """Before a ``(mu+lambda)`` generation, pass the parents to a fast evaluator.
+
+    Early rejection is enabled only where it is provably harmless: the toolbox evaluates with
+    this very evaluator (no fitness transformation in between) and selects with DEAP's plain
+    ``selBest``. Any other evaluator or toolbox is left alone. Returns the threshold set.
+    """
+    if not hasattr(evaluator, "prepare_generation"):
+        return None
+    evaluate = getattr(toolbox, "evaluate", None)
+    direct = (getattr(evaluate, "func", evaluate) is evaluator and not getattr(evaluate, "args", ())
+              and not getattr(evaluate, "keywords", {}))
+    return evaluator.prepare_generation(parents, mu, hall_of_fame,
+                                        reject=direct and _selects_best(getattr(toolbox, "select", None)))
+

@@ -1,0 +1,182 @@
+"""Multi-configuration, multi-seed comparison: configurations, statistics, reports, CLI, example."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from deap_quant.cli import main as cli_main
+from deap_quant.compare import (
+    SUMMARY_KEYS,
+    RunConfig,
+    compare,
+    default_config_path,
+    load_configs,
+    paired_tests,
+    pairwise_tests,
+    summarize,
+)
+from deap_quant.data import Splits
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"evolution": {"mu": 4, "lambda_": 6, "ngen": 2}, "adaround": {"steps": 10, "samples": 32},
+        "stochastic_draws": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_splits(tiny_model):
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(96, 1, 8, 8, generator=generator)
+    targets = tiny_model(inputs).argmax(dim=1).detach()  # learnable labels: the float model is right
+    flip = torch.rand(96, generator=generator) < 0.2
+    targets = torch.where(flip, (targets + 1) % 4, targets)
+    return Splits((inputs[:48], targets[:48]), (inputs[48:72], targets[48:72]), (inputs[72:], targets[72:]),
+                  num_classes=4, name="tiny")
+
+
+def test_shipped_configurations_cover_the_issue():
+    configs, settings = load_configs()
+    assert default_config_path().is_file()
+    names = {c.name for c in configs}
+    assert {"nearest-minmax", "nearest-mse", "stochastic", "adaround", "es-from-nearest", "es-from-adaround"} <= names
+    evolving = [c for c in configs if c.kind == "evolve"]
+    for config in evolving:  # every operator set is started from nearest-MSE and from AdaRound
+        stem = config.name.rsplit("-from-", 1)[0]
+        assert {f"{stem}-from-nearest", f"{stem}-from-adaround"} <= names
+    assert {c.fitness for c in evolving} >= {"val", "teacher-kl", "val+teacher"}
+    assert {c.evolution.get("algorithm", settings["evolution"]["algorithm"]) for c in evolving} >= {
+        "mu+lambda", "mu,lambda", "simple", "nsga2"}
+    assert {c.evolution.get("sampler", "uniform") for c in evolving} == {"uniform", "residual"}
+    assert {c.evolution.get("layer_choice", settings["evolution"]["layer_choice"]) for c in evolving} == {"uniform", "size"}
+    assert any(c.evolution.get("cxpb", 0) > 0 for c in evolving) and any("holdout" == c.select for c in evolving)
+    setup = (ROOT / "setup.cfg").read_text()
+    assert "configs/*.json" in setup
+
+
+def test_run_config_validation():
+    with pytest.raises(ValueError, match="fitness='labels'"):
+        RunConfig("x", fitness="labels")
+    with pytest.raises(ValueError, match="method=None"):
+        RunConfig("x", kind="baseline")
+    with pytest.raises(ValueError, match="unknown evolution option"):
+        RunConfig("x", evolution={"seed": 3})
+    with pytest.raises(ValueError, match="unknown key"):
+        RunConfig.from_dict({"name": "x", "colour": "red"})
+    with pytest.raises(ValueError, match="name"):
+        RunConfig("a,b")
+    with pytest.raises(ValueError, match="more than once"):
+        load_configs({"configs": [{"name": "a", "kind": "baseline", "method": "nearest"}] * 2})
+    with pytest.raises(ValueError, match="does not exist"):
+        load_configs("/nonexistent/configs.json")
+
+
+def test_statistics_match_scipy():
+    rows = ([{"config": "a", "seed": s, "val": 0.9, "test": t, "evaluations": 10, "seconds": 1.0}
+             for s, t in enumerate([0.90, 0.92, 0.91, 0.93, 0.94])]
+            + [{"config": "b", "seed": s, "val": 0.8, "test": t, "evaluations": 0, "seconds": 2.0}
+               for s, t in enumerate([0.80, 0.81, 0.83, 0.82, 0.80])]
+            + [{"config": "c", "seed": s, "val": 0.8, "test": 0.85, "evaluations": 0, "seconds": 2.0} for s in range(5)])
+    summary = {row["config"]: row for row in summarize(rows)}
+    a = np.array([0.90, 0.92, 0.91, 0.93, 0.94])
+    low, high = stats.t.interval(0.95, 4, loc=a.mean(), scale=stats.sem(a))
+    assert summary["a"]["test_mean"] == pytest.approx(a.mean())
+    assert summary["a"]["test_std"] == pytest.approx(a.std(ddof=1))
+    assert (summary["a"]["test_ci_low"], summary["a"]["test_ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert summary["c"]["test_std"] == 0.0
+    paired = paired_tests(rows, [("a", "b"), ("c", "c")])
+    assert paired[0]["wins"] == 5 and paired[0]["p_wilcoxon_greater"] == pytest.approx(1 / 32)
+    assert paired[0]["p_mannwhitney"] == pytest.approx(stats.mannwhitneyu(a, [0.80, 0.81, 0.83, 0.82, 0.80]).pvalue)
+    assert paired[1]["p_wilcoxon_greater"] == 1.0 and paired[1]["difference"] == 0.0
+    pairwise = {(r["a"], r["b"]): r["p_mannwhitney"] for r in pairwise_tests(rows)}
+    assert set(pairwise) == {("a", "b"), ("a", "c"), ("b", "c")}
+    assert pairwise[("a", "b")] < 0.05
+
+
+def test_compare_end_to_end_on_a_tiny_model(tiny_model, tiny_splits, tmp_path):
+    configs = [
+        RunConfig("nearest-minmax", kind="baseline", method="nearest", scale_method="minmax"),
+        RunConfig("nearest-mse", kind="baseline", method="nearest"),
+        RunConfig("stochastic", kind="baseline", method="stochastic"),
+        RunConfig("adaround", kind="baseline", method="adaround"),
+        RunConfig("es-from-adaround", start="adaround"),
+        RunConfig("teacher-from-nearest", fitness="teacher-kl", select="holdout"),
+        RunConfig("nsga2-from-nearest", evolution={"algorithm": "nsga2"}),
+    ]
+    result = compare((tiny_model, tiny_splits, "tiny"), configs, bits=2, seeds=[0, 1], out=tmp_path, settings=TINY,
+                     progress=False)
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert len(rows) == 14 and all(tuple(row) == SUMMARY_KEYS for row in rows)
+    assert [row["config"] for row in rows[:7]] == [c.name for c in configs] and rows[7]["seed"] == 1
+    by = {(row["config"], row["seed"]): row for row in rows}
+    # evolution from AdaRound starts from the very rounding the AdaRound baseline reports
+    for seed in (0, 1):
+        record = next(r for r in result.records if r["config"] == "es-from-adaround" and r["seed"] == seed)
+        assert record["details"]["start"]["test"] == by[("adaround", seed)]["test"]
+        assert by[("es-from-adaround", seed)]["val"] >= by[("adaround", seed)]["val"]
+        assert by[("es-from-adaround", seed)]["evaluations"] == 4 + 2 * 6
+    assert by[("nearest-mse", 0)]["test"] == by[("nearest-mse", 1)]["test"]  # deterministic baseline
+    assert by[("stochastic", 0)]["evaluations"] == 2
+    for name in ("summary.json", "runs.json", "runs.csv", "summary.csv", "report.md", "convergence.png", "pareto.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "report.md").read_text()
+    assert "es-from-adaround | adaround" in report and "Mann-Whitney" in report
+    assert [p["reference"] for p in result.paired] == ["adaround", "nearest-mse", "nearest-mse"]
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert any("pareto_front" in r["details"] for r in runs["runs"])
+    with pytest.raises(ValueError, match="unknown configuration"):
+        compare((tiny_model, tiny_splits), configs, seeds=1, only=["nope"], progress=False)
+
+
+def test_selection_never_looks_at_the_test_split(tiny_model, tiny_splits):
+    configs = [RunConfig("teacher-holdout", fitness="teacher-kl", select="holdout"),
+               RunConfig("teacher-val", fitness="teacher-kl", select="val")]
+    first = compare((tiny_model, tiny_splits), configs, seeds=[3], settings=TINY, progress=False)
+    test_inputs, test_targets = tiny_splits.test
+    other = Splits(tiny_splits.train, tiny_splits.val, (test_inputs, (test_targets + 1) % 4), num_classes=4)
+    second = compare((tiny_model, other), configs, seeds=[3], settings=TINY, progress=False)
+    for a, b in zip(first.records, second.records):
+        assert a["details"]["selected"] == b["details"]["selected"] and a["val"] == b["val"]
+        assert a["test"] != b["test"] or math.isclose(a["test"], 0.0)
+
+
+def test_cli_compare_runs_the_named_configurations(digits_zoo, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = cli_main(["compare", "--model", "digits-cnn", "--bits", "2", "--seeds", "2", "--out", str(out),
+                     "--only", "nearest-mse,es-from-nearest", "--ngen", "1", "--no-progress"])
+    assert code == 0
+    rows = json.loads((out / "summary.json").read_text())
+    assert sorted({row["config"] for row in rows}) == ["es-from-nearest", "nearest-mse"] and len(rows) == 4
+    printed = capsys.readouterr().out
+    assert "deap-quant compare --model digits-cnn --bits 2 --seeds 2" in printed and "es-from-nearest" in printed
+    assert cli_main(["compare", "--list"]) == 0 and "es-from-adaround" in capsys.readouterr().out
+    assert cli_main(["compare", "--only", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli_main(["compare", "--config", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_example_main_runs_with_a_tiny_budget(digits_zoo, tmp_path):
+    spec = importlib.util.spec_from_file_location("compare_operators", ROOT / "examples" / "compare_operators.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(seeds=2, out=str(tmp_path), only=["nearest-mse", "adaround", "es-from-adaround"], ngen=1,
+                         adaround_steps=20, progress=False)
+    assert {row["config"] for row in result.rows} == {"nearest-mse", "adaround", "es-from-adaround"}
+    assert result.paired[0]["reference"] == "adaround" and (tmp_path / "report.md").is_file()

@@ -1,0 +1,155 @@
+"""Export of the evolved quantized model, and loading it back: exact scores, exact weights, real int8 layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.ao.nn.quantized as nnq
+
+import deap_quant as dq
+from deap_quant import Evaluator, ExportError, evolve, export, quantize, read_export
+from deap_quant.cli import main
+
+from .conftest import make_tiny_model
+
+TINY = ["--mu", "4", "--lambda", "4", "--ngen", "2", "--no-progress"]
+
+
+def bits_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A float tensor's raw bits, so that comparisons are bit-exact (0.0 and -0.0 differ)."""
+    return tensor.detach().contiguous().view(torch.int32)
+
+
+def assert_weights_are_the_evolved_ones(module: torch.nn.Module, qmodel: dq.QuantizedModel, genes) -> None:
+    with qmodel.applied(genes):
+        for number, info in enumerate(qmodel.layer_table()):
+            assert torch.equal(bits_of(module.get_submodule(info.name).weight), bits_of(qmodel.dequantized_weights(number)))
+
+
+def test_export_of_a_run_folder_reproduces_the_reported_test_score_exactly(tmp_path, digits_zoo, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--bits", "2", "--seed", "2", "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--format", "pt"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'model.pt'}" in printed and "checked exactly" in printed and "int8 module" in printed
+    results = json.loads((out / "results.json").read_text())
+
+    module = dq.load(out / "model.pt")
+    assert not module.training and not any(p.requires_grad for p in module.parameters())
+    qmodel = quantize(digits_zoo.model, bits=2, scale_method="mse")
+    score = Evaluator(qmodel, digits_zoo.data.test, batch_size=512).score_module(module)
+    assert score["accuracy"] == results["best"]["test"]  # exactly, not approximately
+    assert_weights_are_the_evolved_ones(module, qmodel, results["best"]["genes"])
+    with torch.inference_mode(), qmodel.applied(results["best"]["genes"]):
+        assert torch.equal(module(digits_zoo.data.test[0]), qmodel(digits_zoo.data.test[0]))
+
+    content = torch.load(out / "model.pt", weights_only=True)  # plain tensors and data: no code runs on load
+    assert content["architecture"] == {"kind": "recipe", "recipe": "digits-cnn"}
+    assert [layer["name"] for layer in content["layers"]] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert all(layer["states"].dtype == torch.uint8 and int(layer["states"].max()) < 4 for layer in content["layers"])
+    assert {"scale", "zero_point"} <= set(content["layers"][0]["grid"])
+    assert content["genes"] == results["best"]["genes"] and content["library"]["deap_quant"] == dq.__version__
+    assert module.deap_quant_export["genes"] == results["best"]["genes"]
+
+
+def test_an_8_bit_export_also_gives_a_real_int8_module_whose_accuracy_matches(tmp_path, digits_zoo):
+    qmodel = quantize(digits_zoo.model, bits=8, scale_method="mse")
+    result = evolve(qmodel, digits_zoo.data.val, digits_zoo.data.test, mu=4, lambda_=4, ngen=1, progress=False)
+    path = export(result, tmp_path / "model.pt", qmodel=qmodel, recipe="digits-cnn",
+                  calibration=digits_zoo.data.val, test=digits_zoo.data.test)
+    content = read_export(path)
+    simulated = dq.load(path)
+    int8 = dq.load(path, int8=True)
+    kinds = {type(m) for m in int8.modules()}
+    assert nnq.Conv2d in kinds and nnq.Linear in kinds and torch.nn.Conv2d not in kinds
+    for layer in content["layers"]:  # the int8 weights are the evolved states, shifted into int8
+        weight = int8.get_submodule(layer["name"]).layer.weight()
+        assert weight.dtype == torch.qint8
+        assert torch.equal(weight.int_repr().to(torch.int64), layer["states"].to(torch.int64) - 128)
+        assert torch.equal(weight.q_per_channel_scales().float(), layer["grid"]["scale"])
+    evaluator = Evaluator(qmodel, digits_zoo.data.test, batch_size=512)
+    simulated_accuracy = evaluator.score_module(simulated)["accuracy"]
+    int8_accuracy = evaluator.score_module(int8)["accuracy"]
+    assert simulated_accuracy == result.best["test"]
+    assert content["scores"]["int8_test"] == int8_accuracy
+    # activations are quantized too (calibrated on val): the int8 module may differ by an image or two
+    assert abs(int8_accuracy - simulated_accuracy) <= 3 / len(digits_zoo.data.test[1])
+
+
+@pytest.mark.parametrize("per_channel, symmetric", [(True, True), (False, False)])
+def test_int8_weights_are_exact_for_per_tensor_and_asymmetric_grids(tiny_data, tmp_path, per_channel, symmetric):
+    qmodel = quantize(make_tiny_model(), bits=8, per_channel=per_channel, symmetric=symmetric)
+    result = evolve(qmodel, tiny_data, tiny_data, mu=3, lambda_=3, ngen=1, init_genes=5, progress=False)
+    path = export(result, tmp_path / "m.pt", qmodel=qmodel, calibration=tiny_data[0])
+    int8 = dq.load(path, int8=True, allow_pickle=True)
+    states = qmodel.states_with(result.best["genes"])
+    for number, info in enumerate(qmodel.layer_table()):
+        weight = int8.get_submodule(info.name).layer.weight()
+        values = weight.dequantize()
+        with qmodel.applied(result.best["genes"]):
+            assert torch.equal(values, qmodel.dequantized_weights(number))
+        assert torch.equal(weight.int_repr().to(torch.int64), states[number].to(torch.int64) - 128)
+    with torch.inference_mode():
+        assert int8(tiny_data[0]).shape == (len(tiny_data[0]), 4)
+
+
+def test_a_pickled_architecture_is_only_unpickled_when_allowed(tiny_data, tmp_path):
+    qmodel = quantize(make_tiny_model(), bits=3)
+    result = evolve(qmodel, tiny_data, tiny_data, mu=4, lambda_=6, ngen=2, init_genes=4, progress=False)
+    path = export(result, tmp_path / "m.pt", qmodel=qmodel, test=tiny_data, calibration=tiny_data)
+    with pytest.raises(ExportError, match="pickled module, and unpickling runs code from the file; pass allow_pickle"):
+        dq.load(path)
+    module = dq.load(path, allow_pickle=True)
+    assert_weights_are_the_evolved_ones(module, qmodel, result.best["genes"])
+    assert read_export(path)["scores"]["test_checked"] is True
+
+
+def test_a_codebook_export_round_trips_and_refuses_int8_clearly(tiny_data, tmp_path):
+    qmodel = quantize(make_tiny_model(), bits=2, scheme="kmeans")
+    result = evolve(qmodel, tiny_data, tiny_data, mu=4, lambda_=6, ngen=2, init_genes=4, progress=False)
+    path = export(result, tmp_path / "m.pt", qmodel=qmodel, test=tiny_data, calibration=tiny_data)
+    assert read_export(path)["layers"][0]["grid"]["kind"] == "kmeans"
+    assert_weights_are_the_evolved_ones(dq.load(path, allow_pickle=True), qmodel, result.best["genes"])
+    with pytest.raises(ExportError, match="no int8 calibration: int8 modules need uniform grids"):
+        dq.load(path, int8=True, allow_pickle=True)
+
+
+def test_export_refuses_a_model_that_does_not_reproduce_the_reported_score(tiny_data, tmp_path):
+    qmodel = quantize(make_tiny_model(), bits=2)
+    result = evolve(qmodel, tiny_data, tiny_data, mu=4, lambda_=6, ngen=1, progress=False)
+    result.best["test"] = result.best["test"] + 0.5  # as if the data or model had changed since the run
+    with pytest.raises(ExportError, match="scores accuracy=.* on test, but the run reported"):
+        export(result, tmp_path / "m.pt", qmodel=qmodel, test=tiny_data)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_damaged_or_foreign_files_are_refused_clearly(tmp_path, tiny_data):
+    qmodel = quantize(make_tiny_model(), bits=2)
+    result = evolve(qmodel, tiny_data, tiny_data, mu=3, lambda_=3, ngen=1, progress=False)
+    path = export(result, tmp_path / "m.pt", qmodel=qmodel)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ExportError, match="is not a readable deap_quant export .* truncated"):
+        dq.load(truncated)
+    foreign = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    with pytest.raises(ExportError, match="is a torch file but not a deap_quant export"):
+        dq.load(foreign)
+    with pytest.raises(ExportError, match="does not exist"):
+        dq.load(tmp_path / "missing.pt")
+    with pytest.raises(ExportError, match="exporting an EvolutionResult needs the QuantizedModel"):
+        export(result, tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "{tmp}/nowhere"], "run folder '{tmp}/nowhere' does not exist"),
+    (["export", "{tmp}", "--format", "onnx"], "format='onnx' is not valid; use one of pt"),
+    (["export", "{tmp}"], "holds no results.json"),
+])
+def test_cli_export_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(tmp=tmp_path) in err[0]

@@ -1,0 +1,198 @@
+"""IncrementalEvaluator: bit-identical to Evaluator, memoised, within its cache budget."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import pytest
+import torch
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from deap_quant import Evaluator, IncrementalEvaluator, quantize
+from deap_quant.evaluation import Stage
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the 2 shared cores of CI, threads mostly wait for each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def random_gene(qmodel, rng: random.Random) -> tuple[int, int, int]:
+    sizes = [layer.numel for layer in qmodel.layers]
+    layer = rng.choices(range(len(sizes)), weights=sizes)[0]
+    return layer, rng.randrange(sizes[layer]), rng.choice((-1, 1, 2))
+
+
+def lineage(qmodel, seed: int, n: int = 12) -> list[list[tuple[int, int, int]]]:
+    """Gene lists as evolution makes them: random starts, then children that add, drop or swap genes."""
+    rng = random.Random(seed)
+    genomes = [[random_gene(qmodel, rng) for _ in range(4)] for _ in range(3)]
+    while len(genomes) < n:
+        parent = list(rng.choice(genomes))
+        move = rng.random()
+        if move < 0.5 or not parent:
+            parent.append(random_gene(qmodel, rng))
+        elif move < 0.7:
+            parent.pop(rng.randrange(len(parent)))
+        elif move < 0.85:
+            other = rng.choice(genomes)
+            parent = parent[: len(parent) // 2] + other[len(other) // 2:]
+        else:
+            parent[rng.randrange(len(parent))] = random_gene(qmodel, rng)
+        genomes.append(parent)
+    return genomes
+
+
+def assert_identical(qmodel, data, genomes, batch_size, **options):
+    plain = Evaluator(qmodel, data, batch_size=batch_size)
+    fast = IncrementalEvaluator(qmodel, data, batch_size=batch_size, **options)
+    for genes in genomes:
+        assert fast(genes) == plain(genes), genes
+    for genes in genomes[:3]:
+        assert fast.scores(genes) == plain.scores(genes)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def resnet_setup():
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5).eval()
+    inputs = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        targets = model(inputs).argmax(1)
+    return quantize(model, bits=4), (inputs, targets)
+
+
+def test_sequential_fitness_is_bit_identical_and_reuses_activations(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=3)
+    fast = assert_identical(qmodel, tiny_data, lineage(qmodel, seed=0, n=30), batch_size=16)
+    stats = fast.stats()
+    assert stats["split"] == "fx" and stats["stages"] == 3
+    assert stats["stage_fraction"] < 1.0  # some evaluations started from cached activations
+    assert stats["patched"] > 0  # and some recomputed only the changed channels of the convolution
+    assert stats["cache"]["entries"] > 0
+
+
+def test_resnet_fitness_is_bit_identical(resnet_setup):
+    qmodel, data = resnet_setup
+    fast = assert_identical(qmodel, data, lineage(qmodel, seed=1, n=10), batch_size=16)
+    assert fast.stats()["stages"] > 10
+    assert fast.stats()["mean_start_stage"] > 0 and fast.stats()["patched"] > 0
+
+
+def test_declared_split_fitness_is_bit_identical(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=3)
+    module = qmodel.module
+    stages = [Stage("features", lambda x: module.flatten(module.pool(module.relu(module.conv(x)))), modules=("conv",)),
+              Stage("head", module.fc)]
+    fast = assert_identical(qmodel, tiny_data, lineage(qmodel, seed=2, n=20), batch_size=16, stages=stages)
+    assert fast.stats()["split"] == "declared"
+
+
+def test_memoised_genomes_are_not_evaluated_again(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=3)
+    fast = IncrementalEvaluator(qmodel, tiny_data, batch_size=16)
+    first = fast([(0, 3, 1), (1, 7, -1)])
+    # the same weights, written differently: reordered, split offsets, and a zero-offset gene
+    again = fast([(1, 7, -1), (0, 3, 2), (0, 3, -1), (1, 9, 0)])
+    assert again == first
+    assert fast.stats()["computed"] == 1 and fast.stats()["memo_hits"] == 1
+    assert fast.evaluations == 2
+
+
+def test_tiny_budget_evicts_and_stays_within_it(resnet_setup):
+    qmodel, data = resnet_setup
+    genomes = lineage(qmodel, seed=3, n=10)
+    probe = IncrementalEvaluator(qmodel, data, batch_size=16)
+    probe.split  # noqa: B018 - builds the split and the size estimates
+    full_entry = probe._new_bytes[0]
+    budget = int(full_entry * 1.5)  # room for one complete entry and part of another
+    tight = assert_identical(qmodel, data, genomes, batch_size=16, cache_bytes=budget)
+    cache = tight.stats()["cache"]
+    assert cache["evictions"] > 0
+    assert cache["peak_mb"] * 2 ** 20 <= budget
+    assert tight._cache.used <= budget
+
+
+def test_budget_too_small_for_any_entry_degrades_to_plain_evaluation(resnet_setup):
+    qmodel, data = resnet_setup
+    genomes = lineage(qmodel, seed=4, n=4)
+    for budget in (0, 1000):
+        fast = assert_identical(qmodel, data, genomes, batch_size=16, cache_bytes=budget)
+        stats = fast.stats()
+        assert stats["mean_start_stage"] == 0
+        assert stats["cache"] is None or (stats["cache"]["entries"] == 0 and stats["cache"]["peak_mb"] == 0)
+
+
+def test_rebase_and_rewritten_weights_invalidate_stored_results(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=3)
+    plain = Evaluator(qmodel, tiny_data, batch_size=16)
+    fast = IncrementalEvaluator(qmodel, tiny_data, batch_size=16)
+    genes = [(1, 5, 1)]
+    assert fast(genes) == plain(genes)
+    # weights rewritten by hand (as baselines.temporarily_rounded does) are noticed ...
+    weight = qmodel.module.fc.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.data.copy_(torch.flip(saved, dims=[1]))
+    assert fast(genes) == plain(genes) and fast([]) == plain([])
+    with torch.no_grad():
+        weight.data.copy_(saved)
+    assert fast(genes) == plain(genes) and fast([]) == plain([])
+    # ... and so is a new base
+    states = qmodel.states_with([(0, i, 1) for i in range(36)])
+    qmodel.rebase_(states)
+    assert fast(genes) == plain(genes) and fast([]) == plain([])
+
+
+def test_pickled_evaluator_rebuilds_its_split_and_agrees(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=3)
+    fast = IncrementalEvaluator(qmodel, tiny_data, batch_size=16)
+    genes = [(0, 1, 1), (1, 2, -1)]
+    value = fast(genes)
+    clone = pickle.loads(pickle.dumps(fast))
+    assert clone(genes) == value
+    assert clone([(0, 1, 1)]) == Evaluator(clone.qmodel, tiny_data, batch_size=16)([(0, 1, 1)])
+
+
+def test_with_data_scores_other_data_and_matches_evaluator(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=3)
+    inputs, targets = tiny_data
+    fast = IncrementalEvaluator(qmodel, (inputs[:24], targets[:24]), batch_size=8)
+    other = fast.with_data((inputs[24:], targets[24:]))
+    assert isinstance(other, IncrementalEvaluator) and other.n_samples == 24
+    genes = [(1, 0, 1)]
+    assert other.scores(genes) == Evaluator(qmodel, (inputs[24:], targets[24:]), batch_size=8).scores(genes)
+    assert fast.score_module(tiny_model) == Evaluator(qmodel, (inputs[:24], targets[:24]),
+                                                      batch_size=8).score_module(tiny_model)
+    assert fast.headline == "accuracy"
+
+
+def mean_margin(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(outputs.gather(1, targets[:, None]).mean() - outputs.mean())
+
+
+@pytest.mark.parametrize("metric", ["loss", mean_margin])
+def test_other_metrics_are_bit_identical(tiny_model, tiny_data, metric):
+    qmodel = quantize(tiny_model, bits=3)
+    plain = Evaluator(qmodel, tiny_data, metric=metric, batch_size=16)
+    fast = IncrementalEvaluator(qmodel, tiny_data, metric=metric, batch_size=16)
+    assert not fast.rejecting_metric
+    for genes in lineage(qmodel, seed=5, n=8):
+        assert fast(genes) == plain(genes)
+
+
+def test_bad_options_are_rejected(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=3)
+    for options, match in (({"cache_bytes": -1}, "cache_bytes"), ({"memo_size": 0}, "memo_size"),
+                           ({"threads": 0}, "threads"), ({"early_rejection": "yes"}, "early_rejection")):
+        with pytest.raises(ValueError, match=match):
+            IncrementalEvaluator(qmodel, tiny_data, **options)
+    fast = IncrementalEvaluator(qmodel, tiny_data)
+    with pytest.raises(ValueError, match="threshold"):
+        fast.reject_below(float("nan"))
