@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--mutpb", type=_probability, default=0.8)
     search.add_argument("--hof-size", type=_positive, default=5)
     search.add_argument("--init-genes", type=_non_negative, default=8)
-    search.add_argument("--layer-choice", default="size", help="uniform or size (default: size)")
-    search.add_argument("--sampler", default="uniform", help="uniform or residual (default: uniform)")
+    search.add_argument("--layer-choice", default="uniform", help="uniform or size (default: uniform)")
+    search.add_argument("--sampler", default="residual", help="residual or uniform (default: residual)")
     search.add_argument("--crossover", default="uniform", help="uniform, one_point, layer_swap or none")
     search.add_argument("--metric", default=None,
                         help="accuracy, top5, loss, mse, map_50 or map (default: the recipe's; for other models "

@@ -475,7 +475,11 @@ def _reference_of(config: RunConfig, names: set[str]) -> Optional[str]:
 
 def _load_model(model: Any, data_seed: int, cache: Optional[str], verbose: bool) -> tuple[nn.Module, Any, str]:
     if isinstance(model, str):
-        from .zoo import load_model
+        from .zoo import RECIPES, load_model
+        if model in RECIPES and RECIPES[model].metric_name != "accuracy":
+            usable = ", ".join(name for name, r in sorted(RECIPES.items()) if r.metric_name == "accuracy")
+            raise ValueError(f"model={model!r} is scored by {RECIPES[model].metric_name}; compare supports "
+                             f"classification recipes (accuracy): {usable}")
         zoo = load_model(model, seed=data_seed, cache=cache, verbose=verbose)
         return zoo.model, zoo.data, model
     if hasattr(model, "model") and hasattr(model, "data"):

@@ -50,8 +50,8 @@ class EvolutionConfig:
     hof_size: int = 5
     seed: int = 0
     init_genes: int = 8
-    layer_choice: Any = "size"
-    sampler: str = "uniform"
+    layer_choice: Any = "uniform"
+    sampler: str = "residual"
     max_offset: int = 1
     crossover: Optional[str] = "uniform"
     include_base: bool = True

@@ -32,7 +32,7 @@ class ParetoObjective:
 
 
 def make_toolbox(qmodel: Any, evaluator: Callable[[Sequence], tuple], *, init_genes: int = 8,
-                 layer_choice: Union[str, Sequence[float]] = "size", sampler: str = "uniform",
+                 layer_choice: Union[str, Sequence[float]] = "uniform", sampler: str = "residual",
                  max_offset: int = 1, mutation_probs: Optional[Mapping[str, float]] = None,
                  crossover: Optional[str] = "uniform", select: str = "best", tournsize: int = 3,
                  gene_space: Optional[GeneSpace] = None) -> base.Toolbox:

@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch import nn
 
-from deap_quant import Evaluator, EvolutionConfig, GeneError, evolve, export, load, quantize, write_results
+from deap_quant import Evaluator, EvolutionConfig, GeneError, evolve, load, quantize, write_results
 from deap_quant.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from deap_quant.cli import main
-from deap_quant.export import ExportError
+from deap_quant.export import ExportError, export
 
 from .conftest import make_tiny_model
 

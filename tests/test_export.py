@@ -9,8 +9,9 @@ import torch
 import torch.ao.nn.quantized as nnq
 
 import deap_quant as dq
-from deap_quant import Evaluator, ExportError, evolve, export, quantize, read_export
+from deap_quant import Evaluator, ExportError, evolve, quantize, read_export
 from deap_quant.cli import main
+from deap_quant.export import export
 
 from .conftest import make_tiny_model
 

@@ -7,9 +7,10 @@ import random
 
 import pytest
 import torch
+from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from deap_quant import Evaluator, IncrementalEvaluator, quantize
+from deap_quant import Evaluator, IncrementalEvaluator, Individual, quantize
 from deap_quant.evaluation import Stage
 
 
@@ -72,7 +73,7 @@ def test_sequential_fitness_is_bit_identical_and_reuses_activations(tiny_model, 
     qmodel = quantize(tiny_model, bits=3)
     fast = assert_identical(qmodel, tiny_data, lineage(qmodel, seed=0, n=30), batch_size=16)
     stats = fast.stats()
-    assert stats["split"] == "fx" and stats["stages"] == 3
+    assert stats["split"] == "fx" and stats["stages"] == 2
     assert stats["stage_fraction"] < 1.0  # some evaluations started from cached activations
     assert stats["patched"] > 0  # and some recomputed only the changed channels of the convolution
     assert stats["cache"]["entries"] > 0
@@ -92,6 +93,16 @@ def test_declared_split_fitness_is_bit_identical(tiny_model, tiny_data):
               Stage("head", module.fc)]
     fast = assert_identical(qmodel, tiny_data, lineage(qmodel, seed=2, n=20), batch_size=16, stages=stages)
     assert fast.stats()["split"] == "declared"
+
+
+def test_model_ending_in_a_convolution_is_patched_and_bit_identical(tiny_data):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1), nn.Sigmoid(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    qmodel = quantize(model, bits=3)
+    inputs, targets = tiny_data
+    fast = assert_identical(qmodel, (inputs, targets), lineage(qmodel, seed=6, n=24), batch_size=16)
+    assert fast.split.stages[-1].patch is not None and fast.stats()["patched"] > 0
 
 
 def test_memoised_genomes_are_not_evaluated_again(tiny_model, tiny_data):
@@ -127,6 +138,28 @@ def test_budget_too_small_for_any_entry_degrades_to_plain_evaluation(resnet_setu
         stats = fast.stats()
         assert stats["mean_start_stage"] == 0
         assert stats["cache"] is None or (stats["cache"]["entries"] == 0 and stats["cache"]["peak_mb"] == 0)
+
+
+def test_generation_hint_keeps_only_parents_and_hall_of_fame(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=3)
+    fast = IncrementalEvaluator(qmodel, tiny_data, batch_size=16)
+    genomes = lineage(qmodel, seed=7, n=10)
+    individuals = []
+    for genes in [[]] + genomes:
+        individual = Individual(genes)
+        individual.fitness.values = fast(individual)
+        individuals.append(individual)
+    assert len(fast._cache) >= 8
+    parents, hall = individuals[3:5], individuals[7:8]
+    fast.prepare_generation(parents, mu=2, hall_of_fame=hall, reject=False)
+    kept = set(fast._cache.keys())
+    assert kept <= {(), *(fast.genome_key(ind) for ind in parents + hall)}
+    assert {fast.genome_key(ind) for ind in parents + hall} <= kept
+    unpruned = IncrementalEvaluator(qmodel, tiny_data, batch_size=16, prune=False)
+    for individual in individuals:
+        unpruned(individual)
+    unpruned.prepare_generation(parents, mu=2, hall_of_fame=hall, reject=False)
+    assert len(unpruned._cache) > len(fast._cache)  # without pruning nothing is dropped
 
 
 def test_rebase_and_rewritten_weights_invalidate_stored_results(tiny_model, tiny_data):

@@ -267,3 +267,23 @@ def test_every_loader_is_registered():
     assert {"digits", "digit-canvases", "mnist", "cifar10", "imagefolder", "voc", "coco"} <= set(DATASETS)
     with pytest.raises(ValueError, match="not valid; use one of"):
         load_dataset("imagenet", "/nowhere")
+
+
+def test_cli_runs_a_saved_model_on_local_cifar10(tmp_path):
+    from collections import OrderedDict
+
+    from deap_quant.cli import main
+
+    write_cifar10(tmp_path / "data")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(OrderedDict([("conv", torch.nn.Conv2d(3, 4, 3, stride=4)), ("flatten", torch.nn.Flatten()),
+                                             ("fc", torch.nn.Linear(4 * 8 * 8, 10))]))
+    torch.save(model, tmp_path / "model.pt")
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(tmp_path / "model.pt"), "--dataset", "cifar10", "--data-root",
+                 str(tmp_path / "data"), "--mu", "2", "--lambda", "2", "--ngen", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    content = json.loads((out / "results.json").read_text())
+    assert content["metric"] == "accuracy" and 0.0 <= content["best"]["test"] <= 1.0
+    assert main(["run", "--model", str(tmp_path / "model.pt"), "--dataset", "cifar10", "--data-root",
+                 str(tmp_path / "nowhere"), "--out", str(out)]) == 2

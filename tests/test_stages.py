@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from deap_quant.evaluation import Stage, split_model
-from deap_quant.evaluation.stages import ChannelPatch
+from deap_quant.evaluation.patches import ChannelPatch
 from deap_quant.quantization.quantize import quantizable_layers
 
 
@@ -37,17 +37,17 @@ def staged_equals_plain(model: nn.Module, split, inputs: torch.Tensor) -> bool:
         return torch.equal(split.run(inputs), model(inputs))
 
 
-def test_sequential_is_cut_around_quantized_layers(tiny_model, tiny_data):
+def test_sequential_is_cut_before_quantized_layers(tiny_model, tiny_data):
     split = split_model(tiny_model, quantized=quantized_names(tiny_model), sample=tiny_data[0][:8])
-    assert len(split) == 3  # [conv] [relu, pool, flatten] [fc]: a cut before each quantized layer and after a conv
-    assert split.stages_of_weights([tiny_model.conv.weight, tiny_model.fc.weight]) == [0, 2]
-    assert split.stages[0].patch is not None and split.stages[2].patch is None  # Linear is never patched
+    assert len(split) == 2  # [conv, relu, pool, flatten] [fc]: cut before each quantized layer
+    assert split.stages_of_weights([tiny_model.conv.weight, tiny_model.fc.weight]) == [0, 1]
+    # a convolution followed by channel-wise operations can be patched; a Linear layer never is
+    assert split.stages[0].patch is not None and split.stages[1].patch is None
     assert staged_equals_plain(tiny_model, split, tiny_data[0])
-    # resuming from any state between the stages gives the same output too
+    # resuming from the state between the stages gives the same output too
     with torch.no_grad():
-        for cut in (1, 2):
-            middle = split.run(tiny_data[0], stop=cut)
-            assert torch.equal(split.run(middle, start=cut), tiny_model(tiny_data[0]))
+        middle = split.run(tiny_data[0], stop=1)
+        assert torch.equal(split.run(middle, start=1), tiny_model(tiny_data[0]))
 
 
 def test_channel_patch_recomputes_changed_channels_exactly(tiny_model, tiny_data):
@@ -65,7 +65,8 @@ def test_channel_patch_recomputes_changed_channels_exactly(tiny_model, tiny_data
 
 def test_a_patch_that_does_not_reproduce_the_stage_is_dropped(tiny_model, tiny_data):
     split = split_model(tiny_model, quantized=quantized_names(tiny_model), sample=tiny_data[0])
-    wrong = ChannelPatch(nn.Conv2d(1, 4, 3, padding=1), source=None, layout=(None,))  # another convolution
+    right = split.stages[0].patch
+    wrong = ChannelPatch(nn.Conv2d(1, 4, 3, padding=1), steps=right.steps, flatten=True, layout=(None,))
     split.stages[0].patch = wrong
     split.verify_patches([tiny_data[0]])
     assert split.stages[0].patch is None

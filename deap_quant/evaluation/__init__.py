@@ -5,8 +5,12 @@ from .evaluator import DataSpec, Evaluator, FunctionEvaluator, materialize
 from .incremental import IncrementalEvaluator, announce_parents
 from .metrics import METRICS, Accuracy, BatchMetric, CrossEntropy, Metric, TopK, make_metric
 from .stages import Stage, StageSplit, register_splitter, split_model
+from .tasks import DetectionMAP, ReconstructionError, evaluate_module
+from .teacher import TeacherAgreement, TeacherEvaluator, TeacherKL
 
 __all__ = ["DataSpec", "Evaluator", "FunctionEvaluator", "materialize",
            "METRICS", "Accuracy", "BatchMetric", "CrossEntropy", "Metric", "TopK", "make_metric",
            "IncrementalEvaluator", "announce_parents", "ActivationCache", "CacheEntry", "default_budget",
-           "Stage", "StageSplit", "split_model", "register_splitter"]
+           "Stage", "StageSplit", "split_model", "register_splitter",
+           "DetectionMAP", "ReconstructionError", "evaluate_module",
+           "TeacherAgreement", "TeacherEvaluator", "TeacherKL"]

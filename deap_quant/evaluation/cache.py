@@ -79,18 +79,25 @@ class CacheEntry:
     signature: tuple
     states: list[Optional[list[Any]]]
     batch_scores: Optional[list[tuple[int, float]]] = None
+    stage_storages: Optional[list[dict[int, int]]] = field(default=None, repr=False)
     storages: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.stage_storages is None:
+            self.stage_storages = [_storages(state) for state in self.states]
         if not self.storages:
-            self.storages = _storages(self.states)
+            for found in self.stage_storages:
+                self.storages.update(found)
 
-    def first_difference(self, signature: Sequence) -> int:
-        """The first stage at which ``signature`` differs from this entry's (``len`` if none)."""
-        for stage, (mine, theirs) in enumerate(zip(self.signature, signature)):
-            if mine != theirs:
-                return stage
-        return len(self.signature)
+    @classmethod
+    def extending(cls, ancestor: CacheEntry, start: int, key: Hashable, signature: tuple,
+                  new_states: list[Optional[list[Any]]], batch_scores: Optional[list[tuple[int, float]]] = None
+                  ) -> CacheEntry:
+        """An entry sharing ``ancestor``'s states up to stage ``start`` and holding ``new_states`` after it."""
+        states = [None] + [ancestor.states[s] if s <= start else new_states[s] for s in range(1, len(new_states))]
+        stage_storages = [ancestor.stage_storages[s] if s <= start else _storages(states[s])
+                          for s in range(len(states))]
+        return cls(key, signature, states, batch_scores, stage_storages)
 
 
 class ActivationCache:

@@ -9,7 +9,11 @@ returns bit-identical fitness values, faster:
   :class:`~.cache.ActivationCache` (LRU, byte budget). A new genome starts from the cached
   genome that agrees with it on the longest prefix of stages (its parent, usually, found by
   comparing genes per stage, so DEAP's clone-then-mutate needs no bookkeeping) and recomputes
-  only the stages from the first one its genes change.
+  only the stages from the first one its genes change. Where that stage is a convolution
+  followed by channel-wise operations and only a few of its output channels changed, only those
+  channels are recomputed (a :class:`~.patches.ChannelPatch`, used only where it was found to
+  reproduce the full stage bit for bit for that number of channels and batch shape). Between
+  ``(mu+lambda)`` generations only the parents' and hall of fame's activations are kept.
 * **Memoisation.** A genome is keyed by the weights it actually changes (merged, clipped to
   the grid, no-ops dropped); a key seen before returns its stored fitness.
 * **Exact early rejection** (accuracy-type metrics, when a threshold is set by
@@ -58,7 +62,7 @@ KEY_CACHE_SIZE = 65_536
 LOSS_BOUND_MARGIN = 1e-9
 
 #: A convolution stage is patched when at most 1/PATCH_FRACTION of its output channels changed.
-PATCH_FRACTION = 8
+PATCH_FRACTION = 4
 
 #: Tie-break component of a rejected individual's fitness: marks it, and keeps it an upper bound.
 REJECTED_TIE_BREAK = math.inf
@@ -81,19 +85,21 @@ class IncrementalEvaluator(Evaluator):
     ``cache_bytes``: budget of the activation cache in bytes (``None``: a quarter of the memory
     available when the evaluator starts; ``0``: no cache). ``early_rejection``: allow
     rejection when a threshold is set (accuracy-type metrics only). ``memoize``: return stored
-    fitness for genomes evaluated before (``memo_size`` most recent genomes). ``threads``:
+    fitness for genomes evaluated before (``memo_size`` most recent genomes). ``prune``: keep
+    only the parents' and hall of fame's activations between generations (see
+    :meth:`prepare_generation`; without it, the cache is purely LRU). ``threads``:
     torch intra-op threads while evaluating (``None`` leaves torch's setting alone).
     """
 
     def __init__(self, qmodel: QuantizedModel, data: DataSpec, metric: MetricSpec = "accuracy",
                  batch_size: int = 512, *, stages: StageSpec = "auto", cache_bytes: Optional[int] = None,
                  early_rejection: bool = True, memoize: bool = True, memo_size: int = 100_000,
-                 threads: Optional[int] = None):
+                 prune: bool = True, threads: Optional[int] = None):
         super().__init__(qmodel, data, metric=metric, batch_size=batch_size)
         if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
                                         or cache_bytes < 0):
             raise ValueError(f"cache_bytes={cache_bytes!r} is not valid; use a number of bytes >= 0 or None")
-        for name, value in (("early_rejection", early_rejection), ("memoize", memoize)):
+        for name, value in (("early_rejection", early_rejection), ("memoize", memoize), ("prune", prune)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} is not valid; use True or False")
         if isinstance(memo_size, bool) or not isinstance(memo_size, int) or memo_size < 1:
@@ -105,8 +111,9 @@ class IncrementalEvaluator(Evaluator):
         self.early_rejection = early_rejection
         self.memoize = memoize
         self.memo_size = memo_size
+        self.prune = prune
         self.threads = threads
-        self.threshold: Optional[float] = None
+        self.threshold: Optional[tuple[float, float]] = None
         self._memo: OrderedDict[Hashable, Outcome] = OrderedDict()
         self._keys: dict[tuple, tuple] = {}  # gene tuples -> genome key, for the current base
         self._base_flat = [qmodel.base_states(layer).view(-1).numpy() for layer in range(len(qmodel.layers))]
@@ -119,6 +126,7 @@ class IncrementalEvaluator(Evaluator):
         self._split_module: Optional[int] = None
         self._cache: Optional[ActivationCache] = None
         self._layer_stage: list[int] = []
+        self._layer_last: list[int] = []
         self._new_bytes: list[int] = []
         self._probes: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._patches: dict[int, tuple[int, int]] = {}
@@ -180,6 +188,7 @@ class IncrementalEvaluator(Evaluator):
         modules = dict(self.qmodel.module.named_modules())
         weights = [modules[name].weight for name in names]
         self._layer_stage = split.stages_of_weights(weights)
+        self._layer_last = split.last_stages_of_weights(weights)
         layer_of = {id(modules[name]): layer for layer, name in enumerate(names)}
         self._patches = {}  # stage -> (layer, weights per output channel) where a ChannelPatch applies
         for index, stage in enumerate(split.stages):
@@ -317,9 +326,11 @@ class IncrementalEvaluator(Evaluator):
 
     def prepare_generation(self, parents: Sequence[Any], mu: int, hall_of_fame: Optional[Sequence[Any]] = None,
                            reject: bool = True) -> Optional[tuple[float, float]]:
-        """Before a ``(mu+lambda)`` generation: keep the parents' activations fresh, set the threshold.
+        """Before a ``(mu+lambda)`` generation: keep the parents' activations, set the threshold.
 
-        With ``reject``, the threshold is the smaller (lexicographically) of the ``mu``-th best
+        Offspring descend from the parents only, so with ``prune`` (an option of the evaluator)
+        the cached activations of every other genome are dropped, except the genome without
+        genes; the parents' and hall of fame's become the most recently used. With ``reject``, the threshold is the smaller (lexicographically) of the ``mu``-th best
         parent's fitness and the worst hall-of-fame member's (when the hall of fame is full):
         an offspring strictly below both can neither be selected by ``selBest`` nor enter the
         hall of fame. Every individual needs a valid two-value fitness with positive weights
@@ -328,8 +339,14 @@ class IncrementalEvaluator(Evaluator):
         self._prepare()
         members = list(parents) + list(hall_of_fame or [])
         if self._cache is not None:
-            for individual in members:
-                self._cache.touch(self.genome_key(individual))
+            keys = [self.genome_key(individual) for individual in members]
+            if self.prune:
+                keep = {(), *keys}
+                for key in self._cache.keys():
+                    if key not in keep:
+                        self._cache.evict(key)
+            for key in keys:
+                self._cache.touch(key)
         threshold = None
         usable = all(getattr(ind, "fitness", None) is not None and ind.fitness.valid
                      and len(ind.fitness.values) == 2 and all(w > 0 for w in ind.fitness.weights)
@@ -362,7 +379,7 @@ class IncrementalEvaluator(Evaluator):
         return IncrementalEvaluator(self.qmodel, data, metric=copy.copy(self.metric), batch_size=self.batch_size,
                                     stages=self.stages_spec, cache_bytes=self.cache_bytes,
                                     early_rejection=self.early_rejection, memoize=self.memoize,
-                                    memo_size=self.memo_size, threads=self.threads)
+                                    memo_size=self.memo_size, prune=self.prune, threads=self.threads)
 
     def _remember(self, key: Hashable, outcome: Outcome) -> Outcome:
         if self.memoize:
@@ -430,12 +447,14 @@ class IncrementalEvaluator(Evaluator):
         self.start_stages += start
         self.patched += bool(channels)
         try:
-            with self.qmodel.applied(genes), torch.inference_mode():
+            # Only the genes of layers that a stage from ``start`` on uses need to be in the weights.
+            needed = [gene for gene in genes if self._layer_last[gene[0]] >= start] if start else genes
+            with self.qmodel.applied(needed), torch.inference_mode():
                 for done, b in enumerate(order, start=1):
                     inputs, targets = batches[b]
                     state = inputs if start == 0 else ancestor.states[start][b]
-                    if channels:  # one convolution, a few output channels changed: patch the ancestor's output
-                        state = split.stages[start].patch(state, ancestor.states[start + 1][b], channels)
+                    if channels:  # a few output channels of one convolution changed: patch the ancestor's output
+                        state = self._patched(split.stages[start], state, ancestor.states[start + 1][b], channels)
                         if store or first == n_stages:
                             new_states[first][b] = state
                     for stage in range(first, n_stages):
@@ -465,21 +484,42 @@ class IncrementalEvaluator(Evaluator):
                     self.rejected_count += 1
                     self.samples_skipped += total - seen
                     return Outcome(bound, None, exact=False)
-                metric = self.metric  # the complete fitness: every batch, in the plain evaluator's order
+                # The complete fitness: the metric's state as the plain evaluator leaves it, batches in order.
+                metric = self.metric
                 metric.reset()
-                outputs = new_states[n_stages]
-                for b, (_, targets) in enumerate(batches):
-                    metric.update(outputs[b], targets)
+                if batch_scores is not None:  # Accuracy: add up the per-batch counts as update() does
+                    for b, batch in enumerate(batches):
+                        metric.correct += batch_scores[b][0]
+                        metric.count += _batch_length(batch)
+                        metric.loss_sum += batch_scores[b][1]
+                else:
+                    outputs = new_states[n_stages]
+                    for b, (_, targets) in enumerate(batches):
+                        metric.update(outputs[b], targets)
                 outcome = Outcome(tuple(metric.fitness()), metric.summary(), exact=True)
             if store:
-                states = [None] + [ancestor.states[s] if s <= start else new_states[s]
-                                   for s in range(1, n_stages + 1)]
-                cache.insert(CacheEntry(key, signature, states, batch_scores), reserved=reserved)
+                entry = (CacheEntry.extending(ancestor, start, key, signature, new_states, batch_scores)
+                         if ancestor is not None else CacheEntry(key, signature, new_states, batch_scores))
+                cache.insert(entry, reserved=reserved)
                 reserved = 0
             return outcome
         finally:
             if reserved:
                 cache.release(reserved)
+
+    @staticmethod
+    def _patched(stage: Any, state: Any, previous: Any, channels: list[int]) -> Any:
+        """The stage's output by its patch, once the patch is verified for this case (else in full)."""
+        patch = stage.patch
+        verdict = patch.status(state, channels)
+        if verdict:
+            return patch(state, previous, channels)
+        if verdict is None:  # first time with this many channels and this batch shape: check it
+            try:
+                return patch.check(stage, state, previous, channels)[0]
+            except Exception:  # noqa: BLE001 - a patch that cannot run is simply not used
+                patch.verified[len(channels), _shape_of(state, patch)] = False
+        return stage(state)
 
     def _changed_channels(self, start: int, signature: tuple, ancestor: Optional[CacheEntry]) -> list[int]:
         """Output channels to recompute if stage ``start`` can be patched from ``ancestor``, else ``[]``."""
@@ -512,7 +552,7 @@ class IncrementalEvaluator(Evaluator):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for name in ("_split", "_split_module", "_cache", "_layer_stage", "_new_bytes", "_probes", "_patches",
+        for name in ("_split", "_split_module", "_cache", "_layer_stage", "_layer_last", "_new_bytes", "_probes", "_patches",
                      "_token", "_base_flat", "_keys"):
             state.pop(name, None)
         return state
@@ -522,6 +562,11 @@ class IncrementalEvaluator(Evaluator):
         self._keys = {}
         self._base_flat = [self.qmodel.base_states(layer).view(-1).numpy() for layer in range(len(self.qmodel.layers))]
         self._unprepare()
+
+
+def _shape_of(state: Any, patch: Any) -> tuple:
+    value = state if patch.source is None else state[patch.source]
+    return tuple(value.shape) if hasattr(value, "shape") else ()
 
 
 def _batch_length(batch: tuple[Any, Any]) -> int:

@@ -34,7 +34,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["Stage", "StageSplit", "ChannelPatch", "split_model", "register_splitter", "SPLITTERS", "StageSpec",
+from .patches import ChannelPatch, node_step, patchable, region_length, same_values, sequential_patch
+
+__all__ = ["Stage", "StageSplit", "split_model", "register_splitter", "SPLITTERS", "StageSpec",
            "tensors_in", "same_values"]
 
 
@@ -56,51 +58,6 @@ class Stage:
 
     def __call__(self, state: Any) -> Any:
         return self.fn(state)
-
-
-#: Convolutions whose output channels can be recomputed one at a time.
-PATCHABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def patchable(module: nn.Module) -> bool:
-    return type(module) in PATCHABLE and module.groups == 1
-
-
-@dataclass
-class ChannelPatch:
-    """Redo a stage that is a single convolution for a few output channels only.
-
-    Output channel ``c`` of a convolution depends on ``weight[c]`` and ``bias[c]`` alone, so
-    when only some channels' weights changed, the stage's previous output with those channels
-    recomputed is its new output. ``source`` is the position of the convolution's input in the
-    stage's input tuple (``None``: the input is the bare tensor); ``layout`` says, for each
-    position of the output tuple, which input position it passes through (``None``: the
-    convolution's output; a bare ``None`` layout: the output is the bare tensor). Patches are
-    used only where :meth:`StageSplit.verify_patches` found a one-channel convolution to equal
-    the full one bit for bit, per batch shape.
-    """
-
-    module: nn.Module
-    source: Optional[int] = None
-    layout: Optional[tuple[Optional[int], ...]] = None
-
-    @property
-    def channels(self) -> int:
-        return self.module.out_channels
-
-    def __call__(self, state: Any, previous: Any, channels: Iterable[int]) -> Any:
-        """The stage's output for input ``state``, given its ``previous`` output (same input) and
-        the output ``channels`` whose weights changed since."""
-        inputs = state if self.source is None else state[self.source]
-        old = previous if self.layout is None else previous[self.layout.index(None)]
-        new = old.clone()
-        weight, bias = self.module.weight, self.module.bias
-        for channel in channels:
-            new[:, channel:channel + 1] = self.module._conv_forward(
-                inputs, weight[channel:channel + 1], None if bias is None else bias[channel:channel + 1])
-        if self.layout is None:
-            return new
-        return tuple(new if source is None else state[source] for source in self.layout)
 
 
 StageSpec = Union[str, None, Sequence[Union[Stage, nn.Module, Callable[[Any], Any]]]]
@@ -130,24 +87,6 @@ def tensors_in(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, dict):
         for item in value.values():
             yield from tensors_in(item)
-
-
-def same_values(a: Any, b: Any) -> bool:
-    """Bitwise equality of two nested outputs (tensors compared with ``torch.equal``, NaNs equal)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return False
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return False
-        if a.is_floating_point() or a.is_complex():
-            return bool(torch.equal(torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0))
-                        and torch.equal(a.isnan(), b.isnan()))
-        return bool(torch.equal(a, b))
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
-    return a == b
 
 
 def _parameter_ids(module: nn.Module) -> frozenset:
@@ -207,6 +146,14 @@ class StageSplit:
         found = [self.stage_of(weight) for weight in weights]
         return [0 if stage is None else stage for stage in found]
 
+    def last_stages_of_weights(self, weights: Sequence[torch.Tensor]) -> list[int]:
+        """Last stage that uses each weight; unclaimed weights count as used by every stage."""
+        last = []
+        for weight in weights:
+            users = [index for index, stage in enumerate(self.stages) if id(weight) in stage.parameters]
+            last.append(users[-1] if users else len(self.stages) - 1)
+        return last
+
     # ------------------------------------------------------------------ verification
     def check(self, module: nn.Module, sample: Any) -> tuple[bool, list[int]]:
         """Run ``sample`` through the module and through the stages.
@@ -229,11 +176,12 @@ class StageSplit:
         return same_values(reference, state), mutated
 
     def verify_patches(self, samples: Iterable[Any]) -> None:
-        """Keep a stage's :class:`ChannelPatch` only if it reproduces the stage bit for bit on every sample.
+        """Drop the :class:`~.patches.ChannelPatch` of a stage that does not reproduce it bit for bit.
 
         Each sample (one input batch per batch shape the data has) runs through the stages; for
         every patched stage, the first, a middle and the last output channel are recomputed alone
-        from the stage's input and compared with the full output.
+        from the stage's input and compared with the full output. Other numbers of channels are
+        checked when first used (:meth:`~.patches.ChannelPatch.check`).
         """
         for sample in samples:
             if not any(stage.patch is not None for stage in self.stages):
@@ -244,9 +192,14 @@ class StageSplit:
                     output = stage(state)
                     patch = stage.patch
                     if patch is not None:
-                        probes = sorted({0, patch.channels // 2, patch.channels - 1})
-                        if not all(same_values(patch(state, output, [c]), output) for c in probes):
-                            stage.patch = None
+                        for channel in sorted({0, patch.channels // 2, patch.channels - 1}):
+                            try:
+                                _, agrees = patch.check(stage, state, output, [channel])
+                            except Exception:  # noqa: BLE001 - a patch that cannot run is no patch
+                                agrees = False
+                            if not agrees:
+                                stage.patch = None
+                                break
                     state = output
 
 
@@ -261,9 +214,11 @@ class _SequentialBuilder:
         uses = [any(_qualified(name, sub) in quantized for sub, _ in child.named_modules())
                 for name, child in self.items]
         before = {i for i in range(1, len(self.items)) if uses[i]}
-        after = {i + 1 for i, (name, child) in enumerate(self.items[:-1])
-                 if name in quantized and patchable(child)}
-        self.candidates = sorted(before | after)
+        # after a quantized convolution and the channel-wise modules following it, so that the
+        # stage [convolution, channel-wise ...] can be patched channel by channel
+        after = {i + 1 + region_length([child for _, child in self.items[i + 1:]])
+                 for i, (name, child) in enumerate(self.items) if name in quantized and patchable(child)}
+        self.candidates = sorted(cut for cut in before | after if 0 < cut < len(self.items))
 
     def build(self, cuts: Sequence[int]) -> list[Stage]:
         bounds = [0, *cuts, len(self.items)]
@@ -272,9 +227,8 @@ class _SequentialBuilder:
             group = self.items[start:stop]
             modules = [child for _, child in group]
             fn = modules[0] if len(modules) == 1 else _Chain(modules)
-            patch = ChannelPatch(modules[0]) if len(modules) == 1 and patchable(modules[0]) else None
             stages.append(Stage(name=group[0][0] if len(group) == 1 else f"{group[0][0]}..{group[-1][0]}",
-                                fn=fn, modules=tuple(name for name, _ in group), patch=patch))
+                                fn=fn, modules=tuple(name for name, _ in group), patch=sequential_patch(modules)))
         return stages
 
 
@@ -322,16 +276,42 @@ class _FxBuilder:
         self.last_use = {node: max((position[user] for user in node.users), default=position[node])
                          for node in self.nodes}
         weights = {f"{name}.weight" for name in quantized}
-        modules = dict(module.named_modules())
+        self.modules = dict(module.named_modules())
+        self.position = position
         before = {i for i, node in enumerate(self.nodes[:-1]) if
                   (node.op == "call_module" and node.target in quantized)
                   or (node.op == "get_attr" and node.target in weights)}
-        after = {i + 1 for i, node in enumerate(self.nodes[:-2]) if node.op == "call_module"
-                 and node.target in quantized and patchable(modules[node.target]) and not node.kwargs
-                 and len(node.args) == 1}
+        # after a quantized convolution and the channel-wise operations on its output, so that the
+        # stage [convolution, channel-wise ...] can be patched channel by channel
+        after = {self._region_end(i) for i, node in enumerate(self.nodes[:-1])
+                 if node.op == "call_module" and node.target in quantized and self._is_conv_call(node)}
         # A cut at position 1 would leave the first stage empty, so cuts start at 2.
-        self.candidates = sorted(i for i in before | after if i > 1)
-        self.modules = modules
+        self.candidates = sorted(cut for cut in before | after if 1 < cut < len(self.nodes) - 1)
+
+    def _is_conv_call(self, node: Any) -> bool:
+        return (node.op == "call_module" and patchable(self.modules[node.target]) and not node.kwargs
+                and len(node.args) == 1)
+
+    def _region(self, conv: int, position_of: Callable[[Any], Optional[int]], stop: Optional[int] = None
+                ) -> tuple[int, list, bool]:
+        """The channel-wise operations following the convolution at ``conv``: ``(end, steps, flatten)``."""
+        value, end, steps = self.nodes[conv], conv + 1, []
+        limit = len(self.nodes) - 1 if stop is None else stop
+        while end < limit:
+            node = self.nodes[end]
+            if list(value.users) != [node]:
+                break
+            step, flatten = node_step(node, value, self.modules, position_of)
+            if step is None:
+                break
+            steps.append(step)
+            value, end = node, end + 1
+            if flatten:
+                return end, steps, True
+        return end, steps, False
+
+    def _region_end(self, conv: int) -> int:
+        return self._region(conv, lambda other: 0 if self.position[other] < conv else None)[0]
 
     def crossing(self, cut: int) -> list[Any]:
         """Nodes defined before position ``cut`` and used at or after it."""
@@ -370,22 +350,33 @@ class _FxBuilder:
         return stages
 
     def _patch(self, start: int, stop: int) -> Optional[ChannelPatch]:
-        """A :class:`ChannelPatch` if nodes ``start .. stop - 1`` are one patchable convolution."""
-        if start == 0:  # the placeholder, then the convolution, whose output alone crosses the cut
-            node = self.nodes[1] if stop == 2 else None
-            if (node is None or node.op != "call_module" or not patchable(self.modules[node.target])
-                    or node.kwargs or node.args != (self.nodes[0],) or self.crossing(stop) != [node]):
+        """A :class:`ChannelPatch` if nodes ``start .. stop - 1`` are a convolution and channel-wise operations."""
+        outputs = self.crossing(stop)
+        if start == 0:  # the placeholder feeds the convolution; only the region's output crosses the cut
+            conv, inputs, source = 1, [], None
+            if stop < 2 or self.nodes[1].args != (self.nodes[0],):
                 return None
-            return ChannelPatch(self.modules[node.target], source=None, layout=(None,))
-        node = self.nodes[start]
-        if (stop - start != 1 or node.op != "call_module" or not patchable(self.modules[node.target])
-                or node.kwargs or len(node.args) != 1):
+        else:
+            conv, inputs = start, self.crossing(start)
+            if not self.nodes[conv].args or self.nodes[conv].args[0] not in inputs:
+                return None
+            source = inputs.index(self.nodes[conv].args[0])
+        node = self.nodes[conv]
+        if not self._is_conv_call(node):
             return None
-        inputs, outputs = self.crossing(start), self.crossing(stop)
-        if node.args[0] not in inputs or node not in outputs:
+        end, steps, flatten = self._region(conv, lambda other: inputs.index(other) if other in inputs else None, stop)
+        final = self.nodes[end - 1]
+        if end != stop:
             return None
-        layout = tuple(None if value is node else inputs.index(value) for value in outputs)
-        return ChannelPatch(self.modules[node.target], source=inputs.index(node.args[0]), layout=layout)
+        if stop == len(self.nodes) - 1:  # the last stage returns the model's output itself
+            if self.nodes[-1].args[0] is not final:
+                return None
+            return ChannelPatch(self.modules[node.target], source=source, steps=tuple(steps), flatten=flatten)
+        if final not in outputs or any(o is not final and o not in inputs for o in outputs):
+            return None
+        layout = tuple(None if o is final else inputs.index(o) for o in outputs)
+        return ChannelPatch(self.modules[node.target], source=source, steps=tuple(steps), flatten=flatten,
+                            layout=layout)
 
 
 class _Unpack:

@@ -1,5 +1,6 @@
 """PyTorch side: grids, nearest-rounding quantization, and the frozen quantized model. No DEAP here."""
 
+from .fold import fold_bn
 from .grids import CodebookGrid, Grid, UniformGrid, fit_codebook_grid, fit_uniform_grid
 from .model import AppliedGenes, GeneError, LayerInfo, QuantizedModel, as_gene_array
 from .quantize import QUANTIZABLE_TYPES, QuantConfig, quantizable_layers, quantize
@@ -7,5 +8,5 @@ from .quantize import QUANTIZABLE_TYPES, QuantConfig, quantizable_layers, quanti
 __all__ = [
     "CodebookGrid", "Grid", "UniformGrid", "fit_codebook_grid", "fit_uniform_grid",
     "AppliedGenes", "GeneError", "LayerInfo", "QuantizedModel", "as_gene_array",
-    "QUANTIZABLE_TYPES", "QuantConfig", "quantizable_layers", "quantize",
+    "QUANTIZABLE_TYPES", "QuantConfig", "quantizable_layers", "quantize", "fold_bn",
 ]

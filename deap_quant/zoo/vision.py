@@ -214,6 +214,7 @@ def train_detector(model: nn.Module, train: Union[DetectionPair, Callable[[int],
     per_epoch = (len(images) + batch_size - 1) // batch_size
     steps = max(epochs * per_epoch, 1)
     warmup = min(per_epoch, steps // 4)
+    # linear warm-up over the first epoch, then cosine decay
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + torch.cos(
             torch.tensor(torch.pi * step / steps)).item()))
