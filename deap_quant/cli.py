@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(run)
     _add_quant_arguments(run)
     search = run.add_argument_group("evolution")
-    search.add_argument("--algorithm", default="mu+lambda", help="mu+lambda, mu,lambda or simple")
+    search.add_argument("--algorithm", default="mu+lambda", help="mu+lambda, mu,lambda, simple or nsga2")
     search.add_argument("--mu", type=_positive, default=20)
     search.add_argument("--lambda", dest="lambda_", type=_positive, default=40)
     search.add_argument("--ngen", type=_non_negative, default=30)

@@ -170,7 +170,8 @@ def test_worker_exceptions_reach_the_driver_and_the_pool_survives(problem):
 
 def test_rejection_threshold_is_applied_in_the_workers(problem):
     qmodel, val = problem
-    toolbox = dq.make_toolbox(qmodel, IncrementalEvaluator(qmodel, val, batch_size=8))
+    toolbox = dq.make_toolbox(qmodel, IncrementalEvaluator(qmodel, val, batch_size=8),
+                              layer_choice="size", sampler="uniform")  # a population on both sides of 0.85
     population = toolbox.population(n=12)
     exact = [dq.Evaluator(qmodel, val, batch_size=8)(ind) for ind in population]
     threshold = (0.85, -math.inf)
