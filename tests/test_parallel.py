@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -172,6 +173,7 @@ def test_rejection_threshold_is_applied_in_the_workers(problem):
     qmodel, val = problem
     toolbox = dq.make_toolbox(qmodel, IncrementalEvaluator(qmodel, val, batch_size=8),
                               layer_choice="size", sampler="uniform")  # a population on both sides of 0.85
+    random.seed(0)
     population = toolbox.population(n=12)
     exact = [dq.Evaluator(qmodel, val, batch_size=8)(ind) for ind in population]
     threshold = (0.85, -math.inf)

@@ -11,9 +11,12 @@ How a model is split (:func:`split_model`):
 
 * ``stages=[...]`` -- a user-declared split: :class:`Stage` objects or modules, applied in order;
 * a splitter registered for the model's class (:func:`register_splitter`);
-* ``torch.fx``: the traced graph is cut right before every node that uses a quantized weight
-  (torchvision ResNet, VGG, MobileNet and most plain ``forward`` code trace; a residual block is
-  cut between its convolutions, with the skip tensor carried along);
+* ``torch.fx``: the traced graph is cut right before every node that uses a quantized weight,
+  and after the channel-wise operations (activation, pooling, batch norm, adding a skip tensor)
+  that follow a quantized convolution (torchvision ResNet, VGG, MobileNet and most plain
+  ``forward`` code trace; a residual block is cut between its convolutions, with the skip tensor
+  carried along). A stage made of a convolution and its channel-wise tail gets a
+  :class:`~.patches.ChannelPatch` to recompute a few output channels alone;
 * ``nn.Sequential`` that does not trace: cut between children (nested Sequentials flattened);
 * otherwise one stage, the whole model (no reuse, still correct).
 
