@@ -31,6 +31,16 @@ def make_tiny_model(seed: int = 0, classes: int = 4) -> nn.Sequential:
     ])).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread for the whole session: on 2 shared cores, small tensors run fastest and
+    repeatably that way (two threads measured up to 18x slower under load)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_model() -> nn.Sequential:
     """Conv(1->4, 3x3) + Linear(64->4) on 1x8x8 inputs: 36 + 256 weights."""

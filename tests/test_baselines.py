@@ -26,15 +26,6 @@ from deap_quant.baselines import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors run fastest, and repeatably, on one thread (the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _weights(qmodel):
     return [qmodel.dequantized_weights(layer) for layer in range(len(qmodel.layers))]
 

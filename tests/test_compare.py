@@ -30,13 +30,6 @@ TINY = {"evolution": {"mu": 4, "lambda_": 6, "ngen": 2}, "adaround": {"steps": 1
         "stochastic_draws": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def tiny_splits(tiny_model):

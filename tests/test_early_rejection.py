@@ -5,20 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from deap import tools
 
 from deap_quant import Evaluator, IncrementalEvaluator, Individual, evolve, make_toolbox, quantize
 from deap_quant.evaluation import announce_parents
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the 2 shared cores of CI, threads mostly wait for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def outcome(result) -> dict:

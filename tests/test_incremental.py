@@ -14,15 +14,6 @@ from deap_quant import Evaluator, IncrementalEvaluator, Individual, quantize
 from deap_quant.evaluation import Stage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the 2 shared cores of CI, threads mostly wait for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_gene(qmodel, rng: random.Random) -> tuple[int, int, int]:
     sizes = [layer.numel for layer in qmodel.layers]
     layer = rng.choices(range(len(sizes)), weights=sizes)[0]

@@ -14,15 +14,6 @@ from deap_quant.evaluation.patches import ChannelPatch
 from deap_quant.quantization.quantize import quantizable_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the 2 shared cores of CI, threads mostly wait for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def quantized_names(model: nn.Module) -> list[str]:
     return [name for name, _ in quantizable_layers(model)]
 

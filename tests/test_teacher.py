@@ -18,14 +18,6 @@ from deap_quant.evaluation.teacher import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CountingModel(nn.Module):
     """Wraps a model and counts its forward calls."""
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["train_classifier", "accuracy"]
+__all__ = ["train_classifier", "train_supervised", "accuracy"]
 
 
 def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batch_size: int = 1024) -> float:
@@ -23,35 +25,37 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batch_si
 
 def train_classifier(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, epochs: int = 40,
                      lr: float = 3e-3, batch_size: int = 64, weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
-    """Adam with a cosine schedule and cross-entropy, seeded and single-threaded, so training is repeatable.
+    """Cross-entropy training with :func:`train_supervised`."""
+    return train_supervised(model, train, F.cross_entropy, epochs=epochs, lr=lr, batch_size=batch_size,
+                            weight_decay=weight_decay, seed=seed)
+
+
+def train_supervised(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+                     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, epochs: int, lr: float,
+                     batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0) -> nn.Module:
+    """Adam with a cosine schedule on ``loss(model(inputs), targets)``, seeded and single-threaded, so
+    training is repeatable.
 
     (Multi-threaded CPU convolution backward passes reduce in a varying order; one thread does not.)
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(model, train, epochs=epochs, lr=lr, batch_size=batch_size,
-                      weight_decay=weight_decay, seed=seed)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        inputs, targets = train
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        steps = epochs * ((len(inputs) + batch_size - 1) // batch_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(inputs), generator=generator)
+            for start in range(0, len(inputs), batch_size):
+                batch = order[start:start + batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                loss(model(inputs[batch]), targets[batch]).backward()
+                optimizer.step()
+                schedule.step()
+        return model.eval()
     finally:
         torch.set_num_threads(threads)
-
-
-def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, epochs: int, lr: float,
-           batch_size: int, weight_decay: float, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    inputs, targets = train
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * ((len(inputs) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        for start in range(0, len(inputs), batch_size):
-            batch = order[start:start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(inputs[batch]), targets[batch])
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()

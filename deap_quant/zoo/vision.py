@@ -23,7 +23,7 @@ from ..data.detection import CanvasPainter, digit_canvases
 from ..evaluation.metrics import Metric
 from ..evaluation.tasks import DetectionMAP, ReconstructionError, evaluate_module
 from .recipes import Recipe, register_recipe
-from .training import accuracy, train_classifier
+from .training import accuracy, train_classifier, train_supervised
 
 if TYPE_CHECKING:  # torchvision is imported when a model is built, not when the recipes register
     from torchvision.models import VGG, ResNet
@@ -175,26 +175,10 @@ def autoencoder_splits(seed: int = 0) -> Splits:
 
 
 # ---------------------------------------------------------------------------------------------- training
-@_single_threaded
 def train_autoencoder(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, epochs: int = 80,
                       lr: float = 3e-3, batch_size: int = 64, seed: int = 0) -> nn.Module:
     """Adam with a cosine schedule on the mean squared reconstruction error; seeded, one thread."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    inputs, targets = train
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((len(inputs) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        for start in range(0, len(inputs), batch_size):
-            batch = order[start:start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            F.mse_loss(model(inputs[batch]), targets[batch]).backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return train_supervised(model, train, F.mse_loss, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
 @_single_threaded
