@@ -15,7 +15,7 @@ from ..evaluation.metrics import Metric, make_metric
 from .cache import cache_dir, load_checkpoint, save_checkpoint
 from .training import accuracy, train_classifier
 
-__all__ = ["Recipe", "ZooModel", "RECIPES", "register_recipe", "load_model", "digits_cnn"]
+__all__ = ["Recipe", "ZooModel", "RECIPES", "register_recipe", "load_model", "digits_cnn", "digits_classifier_recipe"]
 
 
 def digits_cnn(num_classes: int = 10) -> nn.Sequential:
@@ -78,14 +78,16 @@ def register_recipe(recipe: Recipe) -> Recipe:
     return recipe
 
 
-register_recipe(Recipe(
-    name="digits-cnn",
-    build=digits_cnn,
-    data=lambda seed: digits(seed),
-    train=lambda model, splits, seed: train_classifier(model, splits.train, epochs=40, seed=seed),
-    score=accuracy,
-    description="3-conv CNN on scikit-learn's 8x8 digits (~40k weights, ~97-98% test accuracy)",
-))
+def digits_classifier_recipe(name: str, build: Callable[[], nn.Module], *, epochs: int, description: str) -> Recipe:
+    """A classifier on the digits splits, trained with cross-entropy and scored by accuracy."""
+    return Recipe(name=name, build=build, data=lambda seed: digits(seed),
+                  train=lambda model, splits, seed: train_classifier(model, splits.train, epochs=epochs, seed=seed),
+                  score=accuracy, description=description)
+
+
+register_recipe(digits_classifier_recipe(
+    "digits-cnn", digits_cnn, epochs=40,
+    description="3-conv CNN on scikit-learn's 8x8 digits (~40k weights, ~97-98% test accuracy)"))
 
 
 def load_model(name: str, *, seed: int = 0, cache: Optional[str] = None, retrain: bool = False,

@@ -22,8 +22,8 @@ from ..data import Splits, digits
 from ..data.detection import CanvasPainter, digit_canvases
 from ..evaluation.metrics import Metric
 from ..evaluation.tasks import DetectionMAP, ReconstructionError, evaluate_module
-from .recipes import Recipe, register_recipe
-from .training import accuracy, train_classifier, train_supervised
+from .recipes import Recipe, digits_classifier_recipe, register_recipe
+from .training import train_supervised
 
 if TYPE_CHECKING:  # torchvision is imported when a model is built, not when the recipes register
     from torchvision.models import VGG, ResNet
@@ -236,23 +236,13 @@ def metric_score(metric: Callable[[], Metric]) -> Callable[[nn.Module, Any], flo
     return score
 
 
-register_recipe(Recipe(
-    name="digits-vgg",
-    build=digits_vgg,
-    data=lambda seed: digits(seed),
-    train=lambda model, splits, seed: train_classifier(model, splits.train, epochs=30, seed=seed),
-    score=accuracy,
-    description="torchvision VGG (make_layers 32-32-M-64-64-M-128-M with BatchNorm) on 8x8 digits, ~140k weights",
-))
+register_recipe(digits_classifier_recipe(
+    "digits-vgg", digits_vgg, epochs=30,
+    description="torchvision VGG (make_layers 32-32-M-64-64-M-128-M with BatchNorm) on 8x8 digits, ~140k weights"))
 
-register_recipe(Recipe(
-    name="digits-resnet",
-    build=digits_resnet,
-    data=lambda seed: digits(seed),
-    train=lambda model, splits, seed: train_classifier(model, splits.train, epochs=30, seed=seed),
-    score=accuracy,
-    description="torchvision ResNet with BasicBlock [1,1,1,1], widths 16-128, 3x3 stem, on 8x8 digits, ~300k weights",
-))
+register_recipe(digits_classifier_recipe(
+    "digits-resnet", digits_resnet, epochs=30,
+    description="torchvision ResNet with BasicBlock [1,1,1,1], widths 16-128, 3x3 stem, on 8x8 digits, ~300k weights"))
 
 register_recipe(Recipe(
     name="digits-autoencoder",
