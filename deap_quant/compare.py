@@ -41,7 +41,9 @@ import torch
 from torch import nn
 
 from .baselines import AdaRoundConfig, Rounding, adaround, best_stochastic, changed_weights, nearest
+from .data.augment import shifted_copies
 from .evaluation.evaluator import Evaluator
+from .evaluation.incremental import IncrementalEvaluator
 from .evaluation.teacher import TeacherEvaluator, split_calibration, teacher_outputs
 from .evolve import EvolutionConfig, evolve
 from .quantization.model import QuantizedModel
@@ -151,6 +153,8 @@ class CompareSettings:
     ``adaround``: :class:`~deap_quant.baselines.AdaRoundConfig` fields (the seed is the run's).
     ``teacher_samples``: training inputs in the teacher's calibration split (``None``: all),
     of which the share ``holdout`` is held out for ``select="holdout"`` and never searched on.
+    ``teacher_augment``: shifted copies of each calibration image added to both parts (label-free,
+    see :func:`deap_quant.data.augment.shifted_copies`; 0: none).
     """
 
     bits: int = 2
@@ -161,6 +165,7 @@ class CompareSettings:
     stochastic_draws: int = 20
     teacher_samples: Optional[int] = None
     holdout: float = 0.3
+    teacher_augment: int = 0
     batch_size: int = 512
 
     def __post_init__(self) -> None:
@@ -171,10 +176,10 @@ class CompareSettings:
         if "seed" in self.adaround:
             raise ValueError("adaround.seed is not valid here; every run uses its own seed")
         AdaRoundConfig(**self.adaround)
-        for name in ("stochastic_draws", "batch_size"):
+        for name, least in (("stochastic_draws", 1), ("batch_size", 1), ("teacher_augment", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not valid; use an integer >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r} is not valid; use an integer >= {least}")
         if self.teacher_samples is not None and (isinstance(self.teacher_samples, bool)
                                                  or not isinstance(self.teacher_samples, int)
                                                  or self.teacher_samples < 2):
@@ -391,14 +396,18 @@ class _Context:
         if seed not in self._teacher:
             search, holdout = split_calibration(self.splits.train, self.settings.holdout, seed=seed,
                                                 n=self.settings.teacher_samples)
+            copies = self.settings.teacher_augment
+            if copies:
+                search = torch.cat([search, shifted_copies(search, copies, seed=seed)])
+                holdout = torch.cat([holdout, shifted_copies(holdout, copies, seed=seed + 1)])
             self._teacher[seed] = (search, teacher_outputs(self.model, search), holdout,
                                    teacher_outputs(self.model, holdout))
         return self._teacher[seed]
 
 
 def _search_evaluator(context: _Context, qmodel: QuantizedModel, config: RunConfig, seed: int) -> Callable:
-    if config.fitness == "val":
-        return context.evaluator(qmodel, "val")
+    if config.fitness == "val":  # the fast evaluator: the same fitness values, bit for bit, sooner
+        return IncrementalEvaluator(qmodel, context.splits.val, batch_size=context.settings.batch_size)
     search, logits, _, _ = context.teacher(seed)
     objective = "agreement" if config.fitness == "teacher-agreement" else "kl"
     combine = {"val+teacher": "tiebreak", "val+teacher-weighted": "weighted"}.get(config.fitness)

@@ -149,6 +149,24 @@ def test_offsets_are_clipped_to_the_grid_and_duplicates_add(tiny_model):
     assert int(states[1].view(-1)[2]) == min(base + 2, 3)
 
 
+def test_setting_states_matches_applying_the_genes_and_reverts_exactly(tiny_model):
+    qmodel = quantize(tiny_model, bits=3)
+    before = _weights(qmodel)
+    genes = [(0, 3, 1), (1, 7, -2), (1, 9, 1)]
+    states = qmodel.states_with(genes)
+    changes = [(layer, index, states[layer].view(-1)[list(index)].tolist()) for layer, index in ((0, (3,)), (1, (7, 9)))]
+    with qmodel.applied(genes):
+        expected = _weights(qmodel)
+    with qmodel.states_set(changes):
+        assert all(torch.equal(a, b) for a, b in zip(expected, _weights(qmodel)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(qmodel)))
+    with pytest.raises(ValueError, match="lie in 0..7"):
+        qmodel.set_states_([(0, (3,), (8,))])
+    with pytest.raises(ValueError, match="match the indices"):
+        qmodel.set_states_([(0, (3, 4), (1,))])
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(qmodel)))
+
+
 def test_revert_happens_when_the_body_raises(tiny_model):
     qmodel = quantize(tiny_model, bits=2)
     before = _weights(qmodel)

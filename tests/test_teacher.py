@@ -114,6 +114,21 @@ def test_combined_fitness_modes(tiny_model, tiny_data):
         TeacherEvaluator(qmodel, calibration, teacher=tiny_model).with_data(val)
 
 
+@pytest.mark.parametrize("combine", [None, "tiebreak", "weighted"])
+def test_fast_and_plain_teacher_fitness_are_bit_identical(tiny_model, tiny_data, combine):
+    inputs, targets = tiny_data
+    calibration, val = inputs[:32], (inputs[32:], targets[32:])
+    qmodel = quantize(tiny_model, bits=2)
+    options = {"teacher": tiny_model, "val": val, "combine": combine, "batch_size": 8}
+    fast = TeacherEvaluator(qmodel, calibration, **options)
+    plain = TeacherEvaluator(qmodel, calibration, fast=False, **options)
+    genomes = [[], [(0, 4, 1)], [(0, 4, 1), (1, 10, -1)], [(1, 10, -1)], [(0, 4, 1), (1, 10, -1), (1, 3, 1)]]
+    assert [fast(genes) for genes in genomes] == [plain(genes) for genes in genomes]
+    assert fast.calibration.stats()["mean_start_stage"] > 0  # later genomes resumed from cached activations
+    with pytest.raises(ValueError, match="fast='yes'"):
+        TeacherEvaluator(qmodel, calibration, teacher=tiny_model, fast="yes")
+
+
 class RecordingSplit(torch.utils.data.Dataset):
     """A dataset that records when it is read."""
 

@@ -137,13 +137,23 @@ class ActivationCache:
     def closest(self, signature: Sequence) -> tuple[Optional[CacheEntry], int]:
         """The cached entry sharing the longest prefix of stages with ``signature``, and that length.
 
-        Among entries sharing the longest prefix, the most recently stored one is returned.
+        Among entries sharing the longest prefix, the one whose last stage that differs from
+        ``signature`` comes earliest (the parent of a mutant, usually: everything after the
+        mutation is then its as well), the most recently stored one on ties.
         ``(None, 0)`` if no entry shares even stage 0.
         """
         for length in range(len(signature), 0, -1):
             keys = self._prefixes.get(tuple(signature[:length]))
             if keys:
-                return self._entries[next(reversed(keys))], length
+                best, best_last = None, len(signature)
+                for key in reversed(keys):
+                    entry = self._entries[key]
+                    last = _last_difference(entry.signature, signature, length)
+                    if best is None or last < best_last:
+                        best, best_last = entry, last
+                        if last <= length:
+                            break
+                return best, length
         return None, 0
 
     def latest(self) -> Optional[CacheEntry]:
@@ -235,6 +245,14 @@ class ActivationCache:
         return {"entries": len(self), "used_mb": self.used / mib, "peak_mb": self.peak / mib,
                 "budget_mb": self.budget / mib, "inserts": self.inserts, "evictions": self.evictions,
                 "refused": self.refused}
+
+
+def _last_difference(a: Sequence, b: Sequence, start: int) -> int:
+    """The last stage at which signatures ``a`` and ``b`` differ (``start - 1`` if none from ``start`` on)."""
+    for stage in range(len(a) - 1, start - 1, -1):
+        if a[stage] != b[stage]:
+            return stage
+    return start - 1
 
 
 def state_bytes(value: Any) -> int:

@@ -14,6 +14,10 @@ returns bit-identical fitness values, faster:
   channels are recomputed (a :class:`~.patches.ChannelPatch`, used only where it was found to
   reproduce the full stage bit for bit for that number of channels and batch shape). Between
   ``(mu+lambda)`` generations only the parents' and hall of fame's activations are kept.
+* **Changed samples only.** After the last stage whose weights differ from the ancestor's, the
+  samples whose activations are still bit-for-bit the ancestor's keep its outputs; only the
+  others run through the remaining stages, as a smaller batch whose size was verified to give
+  the full batch's bits (see :mod:`.rows`).
 * **Memoisation.** A genome is keyed by the weights it actually changes (merged, clipped to
   the grid, no-ops dropped); a key seen before returns its stored fitness.
 * **Exact early rejection** (accuracy-type metrics, when a threshold is set by
@@ -47,6 +51,7 @@ from ..quantization.model import QuantizedModel
 from .cache import ActivationCache, CacheEntry, _storages, default_budget
 from .evaluator import DataSpec, Evaluator
 from .metrics import Accuracy, MetricSpec
+from .rows import bucket, changed_rows, identical_bits, put_rows, row_structured, shapes, take_rows
 from .stages import StageSpec, StageSplit, split_model
 
 __all__ = ["IncrementalEvaluator", "Outcome", "announce_parents", "REJECTED_TIE_BREAK"]
@@ -94,12 +99,13 @@ class IncrementalEvaluator(Evaluator):
     def __init__(self, qmodel: QuantizedModel, data: DataSpec, metric: MetricSpec = "accuracy",
                  batch_size: int = 512, *, stages: StageSpec = "auto", cache_bytes: Optional[int] = None,
                  early_rejection: bool = True, memoize: bool = True, memo_size: int = 100_000,
-                 prune: bool = True, threads: Optional[int] = None):
+                 prune: bool = True, reuse_rows: bool = True, threads: Optional[int] = None):
         super().__init__(qmodel, data, metric=metric, batch_size=batch_size)
         if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
                                         or cache_bytes < 0):
             raise ValueError(f"cache_bytes={cache_bytes!r} is not valid; use a number of bytes >= 0 or None")
-        for name, value in (("early_rejection", early_rejection), ("memoize", memoize), ("prune", prune)):
+        for name, value in (("early_rejection", early_rejection), ("memoize", memoize), ("prune", prune),
+                            ("reuse_rows", reuse_rows)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} is not valid; use True or False")
         if isinstance(memo_size, bool) or not isinstance(memo_size, int) or memo_size < 1:
@@ -112,6 +118,7 @@ class IncrementalEvaluator(Evaluator):
         self.memoize = memoize
         self.memo_size = memo_size
         self.prune = prune
+        self.reuse_rows = reuse_rows
         self.threads = threads
         self.threshold: Optional[tuple[float, float]] = None
         self._memo: OrderedDict[Hashable, Outcome] = OrderedDict()
@@ -130,6 +137,7 @@ class IncrementalEvaluator(Evaluator):
         self._new_bytes: list[int] = []
         self._probes: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._patches: dict[int, tuple[int, int]] = {}
+        self._row_verdicts: dict[tuple, bool] = {}
         self._token: Optional[tuple] = None
 
     def _reset_counters(self) -> None:
@@ -138,8 +146,10 @@ class IncrementalEvaluator(Evaluator):
         self.rejected_count = 0
         self.samples_computed = 0
         self.samples_skipped = 0
-        self.stage_batches = 0
+        self.stage_batches = 0.0
         self.stage_batches_full = 0
+        self.unchanged_batches = 0
+        self.subset_batches = 0
         self.start_stages = 0
         self.patched = 0
 
@@ -190,6 +200,7 @@ class IncrementalEvaluator(Evaluator):
         self._layer_stage = split.stages_of_weights(weights)
         self._layer_last = split.last_stages_of_weights(weights)
         layer_of = {id(modules[name]): layer for layer, name in enumerate(names)}
+        self._row_verdicts = {}
         self._patches = {}  # stage -> (layer, weights per output channel) where a ChannelPatch applies
         for index, stage in enumerate(split.stages):
             layer = layer_of.get(id(stage.patch.module)) if stage.patch is not None else None
@@ -379,7 +390,8 @@ class IncrementalEvaluator(Evaluator):
         return IncrementalEvaluator(self.qmodel, data, metric=copy.copy(self.metric), batch_size=self.batch_size,
                                     stages=self.stages_spec, cache_bytes=self.cache_bytes,
                                     early_rejection=self.early_rejection, memoize=self.memoize,
-                                    memo_size=self.memo_size, prune=self.prune, threads=self.threads)
+                                    memo_size=self.memo_size, prune=self.prune, reuse_rows=self.reuse_rows,
+                                    threads=self.threads)
 
     def _remember(self, key: Hashable, outcome: Outcome) -> Outcome:
         if self.memoize:
@@ -402,14 +414,13 @@ class IncrementalEvaluator(Evaluator):
         if self.threads is not None and self.threads != previous:
             torch.set_num_threads(self.threads)
         try:
-            outcome = self._compute(genes, key, split, threshold)
+            outcome = self._compute(key, split, threshold)
         finally:
             if self.threads is not None and self.threads != previous:
                 torch.set_num_threads(previous)
         return self._remember(key, outcome)
 
-    def _compute(self, genes: list, key: tuple, split: StageSplit,
-                 threshold: Optional[tuple[float, float]]) -> Outcome:
+    def _compute(self, key: tuple, split: StageSplit, threshold: Optional[tuple[float, float]]) -> Outcome:
         batches = self.batches
         n_stages, n_batches, total = len(split), len(batches), self.n_samples
         cache = self._cache
@@ -443,13 +454,14 @@ class IncrementalEvaluator(Evaluator):
         bound: Optional[tuple[float, float]] = None
         channels = self._changed_channels(start, signature, ancestor)
         first = start + 1 if channels else start
+        reuse_from = self._reuse_from(signature, ancestor) if self.reuse_rows and ancestor is not None else None
         self.computed += 1
         self.start_stages += start
         self.patched += bool(channels)
         try:
-            # Only the genes of layers that a stage from ``start`` on uses need to be in the weights.
-            needed = [gene for gene in genes if self._layer_last[gene[0]] >= start] if start else genes
-            with self.qmodel.applied(needed), torch.inference_mode():
+            # Only the changes of layers that a stage from ``start`` on uses need to be in the weights.
+            needed = [change for change in key if self._layer_last[change[0]] >= start]
+            with self.qmodel.states_set(needed), torch.inference_mode():
                 for done, b in enumerate(order, start=1):
                     inputs, targets = batches[b]
                     state = inputs if start == 0 else ancestor.states[start][b]
@@ -457,7 +469,13 @@ class IncrementalEvaluator(Evaluator):
                         state = self._patched(split.stages[start], state, ancestor.states[start + 1][b], channels)
                         if store or first == n_stages:
                             new_states[first][b] = state
+                        self.stage_batches += 1
                     for stage in range(first, n_stages):
+                        if stage == reuse_from:  # later stages are the ancestor's: rerun only the changed samples
+                            reused = self._reuse_rows(split, b, state, stage, ancestor, new_states, store)
+                            if reused is not None:
+                                state = reused
+                                break
                         try:
                             state = split.stages[stage](state)
                         except RuntimeError as error:
@@ -465,7 +483,7 @@ class IncrementalEvaluator(Evaluator):
                             raise ValueError(f"inputs of shape {shape} do not fit the model: {error}") from error
                         if store or stage + 1 == n_stages:
                             new_states[stage + 1][b] = state
-                    self.stage_batches += n_stages - start
+                        self.stage_batches += 1
                     self.stage_batches_full += n_stages
                     seen += _batch_length((inputs, targets))
                     if scratch is None:
@@ -521,6 +539,76 @@ class IncrementalEvaluator(Evaluator):
                 patch.verified[len(channels), _shape_of(state, patch)] = False
         return stage(state)
 
+    def _reuse_from(self, signature: tuple, ancestor: CacheEntry) -> Optional[int]:
+        """The stage after the last one whose weights differ from ``ancestor``'s (``None`` if there is none)."""
+        last = -1
+        for stage, (mine, theirs) in enumerate(zip(signature, ancestor.signature)):
+            if mine != theirs:  # a weight used by several stages changes all of them
+                last = max(last, stage, *(self._layer_last[change[0]] for change in (*mine, *theirs)))
+        return last + 1 if 0 <= last < len(signature) - 1 else None
+
+    def _reuse_rows(self, split: StageSplit, b: int, state: Any, stage: int, ancestor: CacheEntry,
+                    new_states: list[Optional[list[Any]]], store: bool) -> Optional[Any]:
+        """The final output of batch ``b`` from ``state`` (the input of ``stage``), rerunning only changed samples.
+
+        Every stage from ``stage`` on has the ancestor's weights. Samples whose ``state`` equals the
+        ancestor's bit for bit keep its activations; the others run as a smaller batch, if that
+        batch size is verified to reproduce the full batch's rows (see :mod:`.rows`). Fills
+        ``new_states`` like the plain loop; returns ``None`` where the batch must run in full.
+        """
+        n_stages = len(split)
+        rows_total = _batch_length(self.batches[b])
+        rows = changed_rows(state, ancestor.states[stage][b], rows_total)
+        if rows is None:
+            return None
+        if len(rows) == 0:  # identical from here on: share the ancestor's activations
+            for later in range(stage, n_stages + 1):
+                if store or later == n_stages:
+                    new_states[later][b] = ancestor.states[later][b]
+            self.unchanged_batches += 1
+            return ancestor.states[n_stages][b]
+        size = bucket(len(rows), rows_total)
+        if size >= rows_total:
+            return None
+        index = rows
+        if size > len(rows):  # pad with unchanged samples to a verified batch size
+            unchanged = torch.ones(rows_total, dtype=torch.bool)
+            unchanged[rows] = False
+            index = torch.cat([rows, unchanged.nonzero().flatten()[:size - len(rows)]])
+        if not self._rows_verified(split, b, stage, index, ancestor):
+            return None
+        subset = take_rows(state, index)
+        for later in range(stage, n_stages):
+            subset = split.stages[later](subset)
+            if store or later + 1 == n_stages:
+                new_states[later + 1][b] = put_rows(ancestor.states[later + 1][b], rows, subset)
+            self.stage_batches += size / rows_total
+        self.subset_batches += 1
+        return new_states[n_stages][b]
+
+    def _rows_verified(self, split: StageSplit, b: int, stage: int, index: torch.Tensor, ancestor: CacheEntry) -> bool:
+        """Whether stages ``stage..`` give each of ``len(index)`` rows the bits of the full batch ``b``.
+
+        Checked once per (stage, rows, batch shape), on the ancestor's cached activations.
+        """
+        size, rows_total = len(index), _batch_length(self.batches[b])
+        for later in range(stage, len(split)):
+            source, target = ancestor.states[later][b], ancestor.states[later + 1][b]
+            if not (row_structured(source, rows_total) and row_structured(target, rows_total)):
+                return False  # e.g. detections per image: not a batch of rows
+            key = (later, size, shapes(source))
+            verdict = self._row_verdicts.get(key)
+            if verdict is None:
+                try:
+                    verdict = identical_bits(split.stages[later](take_rows(source, index)), take_rows(target, index))
+                except Exception:  # noqa: BLE001 - a stage that cannot run on fewer rows is simply run in full
+                    verdict = False
+                self._row_verdicts[key] = verdict
+                self.stage_batches += size / max(1, rows_total)
+            if not verdict:
+                return False
+        return True
+
     def _changed_channels(self, start: int, signature: tuple, ancestor: Optional[CacheEntry]) -> list[int]:
         """Output channels to recompute if stage ``start`` can be patched from ``ancestor``, else ``[]``."""
         if ancestor is None or start not in self._patches:
@@ -545,6 +633,7 @@ class IncrementalEvaluator(Evaluator):
             "stage_fraction": self.stage_batches / self.stage_batches_full if self.stage_batches_full else 0.0,
             "mean_start_stage": self.start_stages / self.computed if self.computed else 0.0,
             "patched": self.patched,
+            "unchanged_batches": self.unchanged_batches, "subset_batches": self.subset_batches,
             "split": self._split.kind if self._split is not None else None,
             "stages": len(self._split) if self._split is not None else None,
             "cache": self._cache.stats() if self._cache is not None else None,
@@ -553,7 +642,7 @@ class IncrementalEvaluator(Evaluator):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         for name in ("_split", "_split_module", "_cache", "_layer_stage", "_layer_last", "_new_bytes", "_probes", "_patches",
-                     "_token", "_base_flat", "_keys"):
+                     "_row_verdicts", "_token", "_base_flat", "_keys"):
             state.pop(name, None)
         return state
 

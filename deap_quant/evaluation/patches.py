@@ -230,13 +230,16 @@ class ChannelPatch:
             return new
         return tuple(new if source is None else state[source] for source in self.layout)
 
-    def check(self, stage: Callable[[Any], Any], state: Any, previous: Any, channels: Sequence[int]) -> tuple[Any, bool]:
-        """Run the full ``stage`` and the patch on ``state``; record whether they agree bit for bit.
+    def check(self, stage: Callable[[Any], Any], state: Any, previous: Any, channels: Sequence[int],
+              output: Any = None) -> tuple[Any, bool]:
+        """Run the full ``stage`` (unless its ``output`` for ``state`` is given) and the patch on
+        ``state``; record whether they agree bit for bit.
 
         Returns the stage's (full) output and the verdict, stored under the number of channels and
         the batch shape, so that each case is checked once.
         """
-        output = stage(state)
+        if output is None:
+            output = stage(state)
         agrees = same_values(self(state, previous, channels), output)
         self.verified[len(channels), _shape(state if self.source is None else state[self.source])] = agrees
         return output, agrees

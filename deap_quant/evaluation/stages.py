@@ -197,7 +197,7 @@ class StageSplit:
                     if patch is not None:
                         for channel in sorted({0, patch.channels // 2, patch.channels - 1}):
                             try:
-                                _, agrees = patch.check(stage, state, output, [channel])
+                                _, agrees = patch.check(stage, state, output, [channel], output=output)
                             except Exception:  # noqa: BLE001 - a patch that cannot run is no patch
                                 agrees = False
                             if not agrees:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..quantization.model import QuantizedModel
 from .evaluator import DataSpec, Evaluator
+from .incremental import IncrementalEvaluator
 from .metrics import Metric, MetricSpec
 
 __all__ = ["TeacherAgreement", "TeacherKL", "TEACHER_OBJECTIVES", "COMBINE_MODES", "TeacherEvaluator",
@@ -178,17 +179,22 @@ class TeacherEvaluator:
 
     :meth:`with_data` returns a plain :class:`Evaluator` with the labelled metric, which is what
     :func:`deap_quant.evolve` uses to re-score on test after the search.
+
+    ``fast=True`` (default) scores genomes with :class:`IncrementalEvaluator` (cached
+    activations, memoisation): the same fitness values bit for bit, sooner.
     """
 
     def __init__(self, qmodel: QuantizedModel, calibration: Union[DataSpec, torch.Tensor], *,
                  teacher: Optional[nn.Module] = None, teacher_logits: Optional[torch.Tensor] = None,
                  objective: str = "kl", val: Optional[DataSpec] = None, metric: MetricSpec = "accuracy",
                  combine: Optional[str] = None, weight: float = 1.0, temperature: float = 1.0,
-                 batch_size: int = 512):
+                 batch_size: int = 512, fast: bool = True):
         if combine not in COMBINE_MODES:
             raise ValueError(f"combine={combine!r} is not valid; use None, 'tiebreak' or 'weighted'")
         if combine is not None and val is None:
             raise ValueError(f"combine={combine!r} needs the validation split (val=...)")
+        if not isinstance(fast, bool):
+            raise ValueError(f"fast={fast!r} is not valid; use True or False")
         if not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(f"weight={weight!r} is not valid; use a non-negative number")
         if (teacher is None) == (teacher_logits is None):
@@ -204,9 +210,10 @@ class TeacherEvaluator:
         self.weight = float(weight)
         self.batch_size = batch_size
         self.teacher_logits = teacher_logits
-        self.calibration = Evaluator(qmodel, (inputs, teacher_logits), metric=_teacher_metric(objective, temperature),
-                                     batch_size=batch_size)
-        self.val = Evaluator(qmodel, val, metric=metric, batch_size=batch_size) if val is not None else None
+        kind = IncrementalEvaluator if fast else Evaluator
+        self.calibration = kind(qmodel, (inputs, teacher_logits), metric=_teacher_metric(objective, temperature),
+                                batch_size=batch_size)
+        self.val = kind(qmodel, val, metric=metric, batch_size=batch_size) if val is not None else None
         self.evaluations = 0
 
     @property
@@ -221,20 +228,17 @@ class TeacherEvaluator:
     def _teacher_term(self, fitness: Sequence[float]) -> float:
         return fitness[0]  # -kl or agreement: higher is better either way
 
-    def _fitness(self, module: nn.Module) -> tuple[float, float]:
-        teacher = tuple(self.calibration.run(module).fitness())
-        if self.combine is None:
-            return teacher
-        labelled = tuple(self.val.run(module).fitness())
-        if self.combine == "tiebreak":
-            return labelled[0], self._teacher_term(teacher)
-        return labelled[0] + self.weight * self._teacher_term(teacher), labelled[0]
-
     def __call__(self, genes: Iterable[Sequence[int]] = ()) -> tuple[float, ...]:
         """Fitness of ``genes`` (higher is better in both components)."""
         self.evaluations += 1
-        with self.qmodel.applied(genes):
-            return self._fitness(self.qmodel.module)
+        genes = list(genes)
+        teacher = tuple(self.calibration(genes))
+        if self.combine is None:
+            return teacher
+        labelled = tuple(self.val(genes))
+        if self.combine == "tiebreak":
+            return labelled[0], self._teacher_term(teacher)
+        return labelled[0] + self.weight * self._teacher_term(teacher), labelled[0]
 
     def _summaries(self, module: nn.Module) -> dict[str, float]:
         teacher = {f"teacher_{k}": v for k, v in self.calibration.run(module).summary().items()}

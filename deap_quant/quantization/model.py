@@ -172,6 +172,38 @@ class QuantizedModel:
                 flat[index] = self.grids[layer].dequantize_at(states, index)
         return AppliedGenes(saved)
 
+    def set_states_(self, changes: Iterable[tuple[int, Sequence[int], Sequence[int]]]) -> AppliedGenes:
+        """Write ``(layer, flat indices, states)`` changes (e.g. an evaluator's genome key) into the module.
+
+        The lower-level twin of :meth:`apply_`: states are grid levels, not offsets, and indices
+        within a layer must be distinct. Returns what :meth:`revert_` needs.
+        """
+        grouped = []
+        for layer, index, states in changes:
+            index_t = torch.as_tensor(index, dtype=torch.int64)
+            states_t = torch.as_tensor(states, dtype=torch.int64)
+            limit = self.layers[layer].n_levels
+            if index_t.shape != states_t.shape or (len(states_t) and (int(states_t.min()) < 0
+                                                                       or int(states_t.max()) >= limit)):
+                raise ValueError(f"states for layer {layer} must match the indices and lie in 0..{limit - 1}")
+            grouped.append((layer, index_t, states_t))
+        saved = []
+        with torch.no_grad():
+            for layer, index, states in grouped:
+                flat = self._flat[layer]
+                saved.append((layer, index, flat[index].clone()))
+                flat[index] = self.grids[layer].dequantize_at(states, index)
+        return AppliedGenes(saved)
+
+    @contextlib.contextmanager
+    def states_set(self, changes: Iterable[tuple[int, Sequence[int], Sequence[int]]]) -> Iterator[QuantizedModel]:
+        """``with qmodel.states_set(changes): ...`` -- :meth:`set_states_` in force inside, reverted on exit."""
+        handle = self.set_states_(changes)
+        try:
+            yield self
+        finally:
+            self.revert_(handle)
+
     def revert_(self, applied: AppliedGenes) -> None:
         """Restore exactly the values that :meth:`apply_` overwrote."""
         if applied.reverted:
