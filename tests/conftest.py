@@ -60,3 +60,20 @@ def digits_zoo():
     """The trained digits-cnn recipe with its splits (trained once per session, ~6 s)."""
     from deap_quant.zoo import load_model
     return load_model("digits-cnn", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def resnet_setup():
+    """A 4-bit torchvision ResNet (BasicBlock [1,1,1,1]) and 40 inputs labelled by the float model.
+
+    At 16x16 inputs its last stages see 1x1 maps, so most 3x3 taps there only meet zero padding.
+    """
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from deap_quant import quantize
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5).eval()
+    inputs = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        targets = model(inputs).argmax(1)
+    return quantize(model, bits=4), (inputs, targets)

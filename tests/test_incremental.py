@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from deap_quant import Evaluator, IncrementalEvaluator, Individual, quantize
 from deap_quant.evaluation import Stage
@@ -48,16 +47,6 @@ def assert_identical(qmodel, data, genomes, batch_size, **options):
     for genes in genomes[:3]:
         assert fast.scores(genes) == plain.scores(genes)
     return fast
-
-
-@pytest.fixture(scope="module")
-def resnet_setup():
-    torch.manual_seed(0)
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5).eval()
-    inputs = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        targets = model(inputs).argmax(1)
-    return quantize(model, bits=4), (inputs, targets)
 
 
 def test_sequential_fitness_is_bit_identical_and_reuses_activations(tiny_model, tiny_data):

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
-from torchvision.models.resnet import BasicBlock, ResNet
 
 import deap_quant.evaluation.incremental as incremental
-from deap_quant import Evaluator, IncrementalEvaluator, quantize
+from deap_quant import Evaluator, IncrementalEvaluator
 from deap_quant.evaluation.rows import ROW_BUCKET, bucket, changed_rows, put_rows, take_rows
 
 from .test_incremental import lineage
-
-
-@pytest.fixture(scope="module")
-def resnet_one_batch():
-    """A ResNet whose last stages see 1x1 maps (so most 3x3 taps only meet padding), one batch of 40."""
-    torch.manual_seed(0)
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5).eval()
-    inputs = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        targets = model(inputs).argmax(1)
-    return quantize(model, bits=4), (inputs, targets)
 
 
 def layer_index(qmodel, name: str) -> int:
@@ -68,8 +55,8 @@ def test_row_helpers():
     assert base["a"][3].tolist() == [9, 10, 11]  # the ancestor's activations are never written
 
 
-def test_a_gene_that_changes_no_activation_reuses_all_of_them(resnet_one_batch):
-    qmodel, data = resnet_one_batch
+def test_a_gene_that_changes_no_activation_reuses_all_of_them(resnet_setup):
+    qmodel, data = resnet_setup
     name = "layer4.0.conv2"
     corner = (layer_index(qmodel, name), tap(qmodel, name, 3, 5, 0, 0), 1)  # meets only zero padding on a 1x1 map
     plain = Evaluator(qmodel, data, batch_size=40)
@@ -79,8 +66,8 @@ def test_a_gene_that_changes_no_activation_reuses_all_of_them(resnet_one_batch):
     assert fast.stats()["unchanged_batches"] == 1
 
 
-def test_changed_samples_alone_are_recomputed_bit_identically(resnet_one_batch):
-    qmodel, data = resnet_one_batch
+def test_changed_samples_alone_are_recomputed_bit_identically(resnet_setup):
+    qmodel, data = resnet_setup
     plain = Evaluator(qmodel, data, batch_size=40)
     fast = IncrementalEvaluator(qmodel, data, batch_size=40)
     genomes = lineage(qmodel, seed=11, n=40)
@@ -96,8 +83,8 @@ def test_changed_samples_alone_are_recomputed_bit_identically(resnet_one_batch):
     assert stats["stage_fraction"] < off.stats()["stage_fraction"]
 
 
-def test_a_row_count_that_fails_verification_runs_the_full_batch(resnet_one_batch, monkeypatch):
-    qmodel, data = resnet_one_batch
+def test_a_row_count_that_fails_verification_runs_the_full_batch(resnet_setup, monkeypatch):
+    qmodel, data = resnet_setup
     monkeypatch.setattr(incremental, "identical_bits", lambda a, b: False)
     plain = Evaluator(qmodel, data, batch_size=40)
     fast = IncrementalEvaluator(qmodel, data, batch_size=40)

@@ -11,7 +11,7 @@ This module imports torch and numpy only; it knows nothing of DEAP.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,7 +163,10 @@ class QuantizedModel:
 
     def apply_(self, genes: Iterable[Sequence[int]]) -> AppliedGenes:
         """Write the genes' weights into the module; returns what :meth:`revert_` needs."""
-        grouped = list(self._grouped(genes))  # validate everything before touching any weight
+        return self._write(list(self._grouped(genes)))  # validate everything before touching any weight
+
+    def _write(self, grouped: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> AppliedGenes:
+        """Write validated ``(layer, flat indices, states)`` into the weights, saving what they held."""
         saved = []
         with torch.no_grad():
             for layer, index, states in grouped:
@@ -171,6 +174,15 @@ class QuantizedModel:
                 saved.append((layer, index, flat[index].clone()))
                 flat[index] = self.grids[layer].dequantize_at(states, index)
         return AppliedGenes(saved)
+
+    @contextlib.contextmanager
+    def _in_force(self, write: Callable[[], AppliedGenes]) -> Iterator[QuantizedModel]:
+        """Run ``write`` on entering, revert what it wrote on exit (also on error)."""
+        handle = write()
+        try:
+            yield self
+        finally:
+            self.revert_(handle)
 
     def set_states_(self, changes: Iterable[tuple[int, Sequence[int], Sequence[int]]]) -> AppliedGenes:
         """Write ``(layer, flat indices, states)`` changes (e.g. an evaluator's genome key) into the module.
@@ -187,22 +199,11 @@ class QuantizedModel:
                                                                        or int(states_t.max()) >= limit)):
                 raise ValueError(f"states for layer {layer} must match the indices and lie in 0..{limit - 1}")
             grouped.append((layer, index_t, states_t))
-        saved = []
-        with torch.no_grad():
-            for layer, index, states in grouped:
-                flat = self._flat[layer]
-                saved.append((layer, index, flat[index].clone()))
-                flat[index] = self.grids[layer].dequantize_at(states, index)
-        return AppliedGenes(saved)
+        return self._write(grouped)
 
-    @contextlib.contextmanager
-    def states_set(self, changes: Iterable[tuple[int, Sequence[int], Sequence[int]]]) -> Iterator[QuantizedModel]:
+    def states_set(self, changes: Iterable[tuple[int, Sequence[int], Sequence[int]]]) -> contextlib.AbstractContextManager:
         """``with qmodel.states_set(changes): ...`` -- :meth:`set_states_` in force inside, reverted on exit."""
-        handle = self.set_states_(changes)
-        try:
-            yield self
-        finally:
-            self.revert_(handle)
+        return self._in_force(lambda: self.set_states_(changes))
 
     def revert_(self, applied: AppliedGenes) -> None:
         """Restore exactly the values that :meth:`apply_` overwrote."""
@@ -213,14 +214,9 @@ class QuantizedModel:
                 self._flat[layer][index] = old
         applied.reverted = True
 
-    @contextlib.contextmanager
-    def applied(self, genes: Iterable[Sequence[int]]) -> Iterator[QuantizedModel]:
+    def applied(self, genes: Iterable[Sequence[int]]) -> contextlib.AbstractContextManager:
         """``with qmodel.applied(genes): ...`` -- genes in force inside, reverted on exit (also on error)."""
-        handle = self.apply_(genes)
-        try:
-            yield self
-        finally:
-            self.revert_(handle)
+        return self._in_force(lambda: self.apply_(genes))
 
     def states_with(self, genes: Iterable[Sequence[int]] = ()) -> list[torch.Tensor]:
         """Integer states of every layer after applying ``genes`` (copies; the model is not touched)."""
