@@ -39,13 +39,18 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from deap_quant import Evaluator, EvolutionConfig, IncrementalEvaluator, evolve, quantize
 
-MODELS = ("digits_cnn", "resnet18")
+MODELS = ("digits_cnn", "resnet18", "cifar10_resnet20")
+#: Where the real data and the pretrained ResNet-20 live for this project's benchmarks (``--weights``,
+#: ``--data-root`` point elsewhere); the library itself never assumes this folder.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_DATA = {"weights": str(SHARED_DATA / "models" / "cifar10-resnet20.th"), "data_root": str(SHARED_DATA / "cifar10")}
 
 
 class RecordingEvaluator(Evaluator):
@@ -79,7 +84,16 @@ def resnet18_setup(quick: bool) -> tuple[torch.nn.Module, tuple]:
     return model, (inputs, targets)
 
 
-SETUPS = {"digits_cnn": digits_cnn_setup, "resnet18": resnet18_setup}
+def cifar10_resnet20_setup(quick: bool) -> tuple[torch.nn.Module, tuple]:
+    """The pretrained CIFAR-10 ResNet-20 recipe on its 1,000 validation images (training images)."""
+    from deap_quant.zoo import load_model
+    options = {"val_size": 64, "calibration_size": 64} if quick else None
+    zoo = load_model("cifar10-resnet20", weights=REAL_DATA["weights"], data_root=REAL_DATA["data_root"],
+                     options=options, verbose=False)
+    return zoo.model, zoo.data.val
+
+
+SETUPS = {"digits_cnn": digits_cnn_setup, "resnet18": resnet18_setup, "cifar10_resnet20": cifar10_resnet20_setup}
 
 
 class Clock:
@@ -146,12 +160,12 @@ def compare_fitness(fast: IncrementalEvaluator, plain: RecordingEvaluator) -> di
 
 
 def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_size: int, layer_choice: str,
-                sampler: str, log) -> dict[str, Any]:
+                sampler: str, log, bits: int = 4) -> dict[str, Any]:
     model, val = SETUPS[name](quick)
-    qmodel = quantize(model, bits=4)
+    qmodel = quantize(model, bits=bits)
     n_val = len(val[1])
     log(f"\n== {name}: {sum(layer.numel for layer in qmodel.layers):,} quantized weights, {n_val} validation "
-        f"images, batch {batch_size}, 4 bits")
+        f"images, batch {batch_size}, {bits} bits")
 
     options = {"mu": mu, "lambda_": lambda_, "ngen": ngen, "seed": 0, "progress": False, "layer_choice": layer_choice,
                "sampler": sampler}
@@ -246,7 +260,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                              "evolve's own default is now 'residual')")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for every measurement (default 1, see the README)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--models", default="digits_cnn,resnet18",
+                        help=f"comma-separated subset of {', '.join(MODELS)} (default: digits_cnn,resnet18)")
+    parser.add_argument("--weights", default=REAL_DATA["weights"],
+                        help="the CIFAR-10 ResNet-20 checkpoint for cifar10_resnet20 (default: ../shared/data)")
+    parser.add_argument("--data-root", default=REAL_DATA["data_root"],
+                        help="CIFAR-10 folder for cifar10_resnet20 (default: ../shared/data/cifar10)")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -255,6 +274,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         parser.error(f"--models {args.models!r} is not valid; use a comma-separated subset of {', '.join(MODELS)}")
     if args.threads < 1:
         parser.error(f"--threads {args.threads} is not valid; use an integer >= 1")
+    REAL_DATA.update(weights=args.weights, data_root=args.data_root)
     ngen = args.ngen if args.ngen is not None else (2 if args.quick else EvolutionConfig().ngen)
     mu = args.mu if args.mu is not None else (4 if args.quick else 20)
     lambda_ = args.lambda_ if args.lambda_ is not None else (8 if args.quick else 40)

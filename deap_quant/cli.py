@@ -1,6 +1,21 @@
 """``deap-quant``: the command-line front end.
 
-Every failure the user can cause ends in one line on stderr and a non-zero exit, never a traceback.
+Every failure ends in one line on stderr and a non-zero exit, never a traceback:
+
+* **bad input** (exit 2): ``deap-quant: error: MESSAGE``. These are the errors the library raises
+  on purpose for values, files or an environment the user can fix: :class:`CLIError` (argument
+  problems, found by the parser or the commands), every ``ValueError`` (the library's rule for a
+  bad value; it includes ``GeneError``, ``CheckpointError``, ``ExportError`` and the
+  configuration checks), every ``OSError`` (missing or unreadable files and folders, including
+  ``DatasetNotFound``; the message names the path), ``ImportError`` (a missing optional
+  package, with what to install) and ``WorkersLostError`` (parallel workers that died). The
+  whole message is printed, not only its first argument.
+* **internal error** (exit 1): anything else (``TypeError``, ``KeyError``, ``RuntimeError``,
+  ``AssertionError``, ...) is a bug in deap_quant or in a library it calls, and prints
+  ``deap-quant: internal error: TYPE: MESSAGE (run again with --debug for the traceback)``.
+
+``--debug`` (before or after the command) re-raises every error but a :class:`CLIError`, so Python
+prints its traceback. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -8,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +30,7 @@ from typing import Any, Optional
 __all__ = ["main", "build_parser", "CLIError"]
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 
 
 class CLIError(Exception):
@@ -61,15 +76,27 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and data")
     group.add_argument("--model", default="digits-cnn",
                        help="a zoo recipe name (digits-cnn, digits-vgg, digits-resnet, digits-autoencoder, "
-                            "digits-detector), torchvision:NAME with --weights (e.g. torchvision:resnet18), or a "
+                            "digits-detector; mnist-cnn with --data-root; cifar10-resnet20/32/44/56 with --weights "
+                            "and --data-root), torchvision:NAME with --weights (e.g. torchvision:resnet18), or a "
                             "path to a saved float model (torch.save of a module, or TorchScript); the last two "
                             "with --dataset (default: digits-cnn)")
     group.add_argument("--weights", default=None, metavar="PATH",
-                       help="local state_dict for torchvision:NAME or a zoo recipe's architecture (never downloaded)")
+                       help="local state_dict or checkpoint: required by the pretrained recipes cifar10-resnetN and "
+                            "torchvision:NAME, optional for other recipes (never downloaded)")
     group.add_argument("--dataset", default=None,
                        help="dataset for a model given as a path or torchvision:NAME: digits, digit-canvases, "
-                            "mnist, cifar10, imagefolder, voc, coco (the last five from --data-root; default: digits)")
-    group.add_argument("--data-root", default=None, help="folder holding a local dataset")
+                            "mnist, cifar10, npz, imagefolder, voc, coco (the last six from --data-root; "
+                            "default: digits)")
+    group.add_argument("--data-root", default=None, metavar="PATH",
+                       help="a local dataset: its folder (cifar-10-batches-py/ or MNIST/raw/ inside, or .npz files "
+                            "such as train*.npz + test.npz), or one .npz file (x, y or x_train, y_train, x_test, "
+                            "y_test); recipes mnist-cnn and cifar10-resnetN read theirs from here")
+    group.add_argument("--val-size", type=_positive, default=None, metavar="N",
+                       help="validation (fitness) images drawn from the training images, for recipes mnist-cnn "
+                            "(default: 5000) and cifar10-resnetN (default: 1000)")
+    group.add_argument("--calibration-size", type=_positive, default=None, metavar="N",
+                       help="calibration images (AdaRound, teacher) drawn from the training images apart from "
+                            "validation, for the pretrained recipes cifar10-resnetN (default: 2048)")
     group.add_argument("--cache-dir", default=None, help="model cache (default: $XDG_CACHE_HOME/deap_quant)")
     group.add_argument("--data-seed", type=_non_negative, default=0, help="seed of the train/val/test split")
 
@@ -82,6 +109,10 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
                          help="one grid per output channel (default)")
     channel.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one grid per layer")
     group.add_argument("--scale-method", default="mse", help="minmax or mse (default: mse, the strong baseline)")
+    group.add_argument("--range", dest="grid_range", default=None, choices=("full", "narrow", "auto"),
+                       help="levels of a symmetric grid: full (-2^(b-1)..2^(b-1)-1), narrow (one fewer, symmetric) or "
+                            "auto (per channel the full range's extra level on the side of least weight error); "
+                            "default: auto for mse grids, full otherwise")
     group.add_argument("--scheme", default="uniform", help="uniform or kmeans (default: uniform)")
     group.add_argument("--asymmetric", action="store_true", help="affine grid with a zero point")
     group.add_argument("--layers", default=None, help="comma-separated glob patterns of layers to quantize")
@@ -93,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deap-quant", description="Evolve the rounding of quantized PyTorch networks with DEAP.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"deap_quant {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser("run", help="quantize a model, evolve its rounding, re-score on test")
@@ -104,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--lambda", dest="lambda_", type=_positive, default=40)
     search.add_argument("--ngen", type=_non_negative, default=30)
     search.add_argument("--cxpb", type=_probability, default=0.2)
-    search.add_argument("--mutpb", type=_probability, default=0.8)
+    search.add_argument("--mutpb", type=_probability, default=None,
+                        help="mutation probability (default: 0.8 with crossover, 1.0 with --crossover none, so that "
+                             "no offspring is a plain copy)")
     search.add_argument("--hof-size", type=_positive, default=5)
     search.add_argument("--init-genes", type=_non_negative, default=8)
     search.add_argument("--layer-choice", default="uniform", help="uniform or size (default: uniform)")
@@ -138,58 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", default=None, metavar="PATH", help="file to write (default: DIR/model.pt)")
     export.add_argument("--cache-dir", default=None, help="model cache (default: $XDG_CACHE_HOME/deap_quant)")
     _add_compare_parser(commands)
+    for command in commands.choices.values():  # --debug after the command too; SUPPRESS keeps an earlier one
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
+_DEBUG_HELP = "on an error, show Python's traceback instead of one line"
+
+
 def _load_float_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(float model, data splits, display name) for ``--model`` / ``--dataset``."""
-    import torch
+    """(float model, data splits, display name) for ``--model`` / ``--dataset`` (see :mod:`deap_quant.zoo.loading`)."""
+    from .zoo.loading import ModelSpecError, float_model_from_settings
 
-    from .data import load_dataset
-    from .zoo import RECIPES, load_model
-
-    weights = getattr(args, "weights", None)
-    if args.model in RECIPES:
-        if args.dataset is not None:
-            raise CLIError(f"--dataset {args.dataset} cannot be combined with zoo model {args.model}, "
-                           "which brings its own data")
-        if weights is not None:  # the recipe's architecture and data, the user's weights
-            from .zoo.vision import load_weights
-
-            recipe = RECIPES[args.model]
-            return load_weights(recipe.build(), weights), recipe.data(args.data_seed), Path(weights).stem
-        zoo = load_model(args.model, seed=args.data_seed, cache=args.cache_dir, verbose=True)
-        return zoo.model, zoo.data, args.model
-    if args.model.startswith("torchvision:"):
-        from .zoo.vision import torchvision_model
-
-        if weights is None or args.dataset is None:
-            raise CLIError(f"--model {args.model} needs --weights PATH (a local state_dict; nothing is downloaded) "
-                           "and --dataset")
-        splits = load_dataset(args.dataset, args.data_root, args.data_seed)
-        model = torchvision_model(args.model.split(":", 1)[1], weights, num_classes=splits.num_classes or None)
-        return model, splits, args.model.split(":", 1)[1]
-    if weights is not None:
-        raise CLIError(f"--weights goes with --model torchvision:NAME or a zoo recipe, not with {args.model!r}")
-    path = Path(args.model)
-    if not path.exists():
-        raise CLIError(f"--model {args.model!r} is neither a zoo recipe ({', '.join(sorted(RECIPES))}) "
-                       "nor an existing file")
     try:
-        with warnings.catch_warnings():  # torch.jit.load's FutureWarning would break the one-line error rule
-            warnings.simplefilter("ignore", FutureWarning)
-            model = torch.jit.load(str(path), map_location="cpu")
-    except Exception:
-        try:
-            model = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise CLIError(f"--model {args.model!r} could not be loaded as a saved module or TorchScript "
-                           f"({type(error).__name__})") from None
-    if not isinstance(model, torch.nn.Module):
-        raise CLIError(f"--model {args.model!r} holds a {type(model).__name__}, not a torch.nn.Module; "
-                       "save the whole module with torch.save(model, path)")
-    splits = load_dataset(args.dataset or "digits", args.data_root, args.data_seed)
-    return model.eval(), splits, path.stem
+        return float_model_from_settings(vars(args))
+    except ModelSpecError as error:
+        raise CLIError(str(error)) from None
 
 
 def _default_metric(args: argparse.Namespace, splits: Any) -> Any:
@@ -204,7 +202,7 @@ def _default_metric(args: argparse.Namespace, splits: Any) -> Any:
 
 #: ``run`` options that may differ from the checkpointed run's when resuming it.
 _RESUME_MAY_CHANGE = ("ngen", "no_progress", "cache_dir", "data_root", "threads", "checkpoint_every", "out",
-                      "backend", "workers", "ray_address")
+                      "backend", "workers", "ray_address", "debug")
 
 
 def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, int]:
@@ -253,15 +251,18 @@ def _command_run(args: argparse.Namespace) -> int:
 
     crossover = None if args.crossover == "none" else args.crossover
     config = EvolutionConfig(mu=args.mu, lambda_=args.lambda_, ngen=args.ngen,
-                             cxpb=args.cxpb if crossover else 0.0, mutpb=args.mutpb, algorithm=args.algorithm,
+                             cxpb=args.cxpb if crossover else 0.0,
+                             mutpb=args.mutpb if args.mutpb is not None else 0.8 if crossover else 1.0,
+                             algorithm=args.algorithm,
                              hof_size=args.hof_size, seed=args.seed, init_genes=args.init_genes,
                              layer_choice=args.layer_choice, sampler=args.sampler, crossover=crossover)
     quant = QuantConfig(bits=args.bits, per_channel=args.per_channel, symmetric=not args.asymmetric,
-                        scale_method=args.scale_method, scheme=args.scheme, fold_bn=getattr(args, "fold_bn", False))
+                        scale_method=args.scale_method, scheme=args.scheme, fold_bn=getattr(args, "fold_bn", False),
+                        range=getattr(args, "grid_range", None))
     out = args.out or os.path.join("runs", f"{Path(args.model).stem}-{args.bits}bit-seed{args.seed}")
-    if args.data_root is not None and not Path(args.data_root).is_dir():
-        raise CLIError(f"--data-root {args.data_root!r} does not exist or is not a folder; give the folder "
-                       "that holds the dataset")
+    if args.data_root is not None and not (Path(args.data_root).is_dir() or Path(args.data_root).is_file()):
+        raise CLIError(f"--data-root {args.data_root!r} does not exist or is not a folder (or .npz file); give the "
+                       "folder or file that holds the dataset")
     out_dir = check_writable(out)  # fail before the run, not after it
     if args.checkpoint_every is not None and args.resume is None:
         from .checkpoint import check_no_checkpoint
@@ -270,7 +271,7 @@ def _command_run(args: argparse.Namespace) -> int:
     if threads:
         import torch
         torch.set_num_threads(threads)
-    run_info = {"command": "run", **{k: v for k, v in vars(args).items() if k not in ("command", "resume")},
+    run_info = {"command": "run", **{k: v for k, v in vars(args).items() if k not in ("command", "resume", "debug")},
                 "out": str(out_dir)}
     layers = [p.strip() for p in args.layers.split(",") if p.strip()] if args.layers else None
     model, splits, name = _load_float_model(args)
@@ -314,6 +315,10 @@ def _add_compare_parser(commands: Any) -> None:
     compare.add_argument("--per-tensor", dest="per_channel", action="store_false", default=True,
                          help="one grid per layer (default: per output channel)")
     compare.add_argument("--seeds", type=_positive, default=5, help="number of seeds, 0..N-1 (default: 5)")
+    compare.add_argument("--data-seeds", type=_positive, default=1, metavar="K",
+                         help="re-draw the val/test split per seed: seed s runs on data seed s mod K (0: the split "
+                              "of --data-seed; k: val and test pooled and split again, train untouched), so the "
+                              "spread covers the data too; digits only (default: 1, one split for every seed)")
     compare.add_argument("--config", default=None, metavar="FILE",
                          help="configuration file (JSON; default: the shipped set)")
     compare.add_argument("--only", default=None, metavar="A,B,C", help="run only these configurations")
@@ -348,14 +353,18 @@ def _command_compare(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     command = " ".join(["deap-quant compare", f"--model {args.model}", f"--bits {args.bits}", f"--seeds {args.seeds}",
                         f"--out {out}"] + [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in
-                                           ("config", "only", "ngen", "adaround_steps", "threads")
-                                           if getattr(args, flag) is not None]
+                                           ("weights", "dataset", "data_root", "val_size", "calibration_size",
+                                            "config", "only", "ngen", "adaround_steps", "threads")
+                                           if getattr(args, flag, None) is not None]
+                       + [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag, plain in
+                          (("data_seed", 0), ("data_seeds", 1)) if getattr(args, flag) != plain]
                        + ([] if args.per_channel else ["--per-tensor"]))
     from .report import check_writable
     check_writable(out)  # fail before the runs, not after them
     model, splits, name = _load_float_model(args)
     result = compare((model, splits, name), args.config, bits=args.bits, seeds=args.seeds, out=out, only=only,
-                     settings=settings, progress=not args.no_progress, command=command)
+                     settings=settings, data_seed=args.data_seed, data_seeds=args.data_seeds,
+                     progress=not args.no_progress, command=command)
     print(result.paths["report.md"].read_text())
     print(f"wrote {', '.join(str(p) for p in result.paths.values())}")
     return 0
@@ -368,23 +377,46 @@ def _one_line(message: Any) -> str:
     return " ".join(str(message).split())
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types reported as bad input (see the module docstring)."""
+    from .parallel import WorkersLostError
+
+    return (ValueError, OSError, ImportError, WorkersLostError)
+
+
+def _describe(error: BaseException) -> str:
+    message = _one_line(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    debug = False
     try:
         args = parser.parse_args(argv)
+        debug = bool(getattr(args, "debug", False))
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
+        for option in ("weights", "data_root"):  # recorded in run folders: absolute, so export works from anywhere
+            if getattr(args, option, None):
+                setattr(args, option, os.path.abspath(os.path.expanduser(getattr(args, option))))
         return COMMANDS[args.command](args)
     except CLIError as error:
         print(f"deap-quant: error: {_one_line(error)}", file=sys.stderr)
-    except (ValueError, TypeError, KeyError, OSError) as error:
-        message = error.args[0] if error.args else str(error)
-        print(f"deap-quant: error: {_one_line(message)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("deap-quant: interrupted", file=sys.stderr)
         return 130
-    return EXIT_USAGE
+    except Exception as error:
+        if debug:
+            raise
+        if isinstance(error, _user_errors()):
+            print(f"deap-quant: error: {_one_line(error) or type(error).__name__}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"deap-quant: internal error: {_describe(error)} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ an evaluator only after the last generation.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -29,7 +30,7 @@ from .evaluation.metrics import MetricSpec
 from .genome import Individual
 from .parallel import make_map
 from .quantization.model import QuantizedModel
-from .toolbox import make_toolbox
+from .toolbox import gene_effects, make_toolbox
 from .versions import versions
 
 __all__ = ["EvolutionConfig", "EvolutionResult", "evolve", "ALGORITHMS"]
@@ -192,8 +193,13 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
     ``seed``. The start is recomputed on ``resume``.
 
     ``algorithm="nsga2"`` runs NSGA-II (``(mu+lambda)`` with ``tools.selNSGA2``) over
-    (validation metric, number of genes); its Pareto front, re-scored on test after the search,
-    is in ``details["pareto_front"]``.
+    (validation metric, number of changed weights); its Pareto front, re-scored on test after the
+    search, is in ``details["pareto_front"]``.
+
+    Individuals are judged by the weights they change, not by how their genes are written: the
+    hall of fame (and Pareto front) keeps one member per distinct set of changes, and every
+    reported entry gives ``changed_weights`` beside its ``genes`` (genes that leave a weight where
+    it was, e.g. in a hand-made toolbox, do not count).
 
     ``fast=True`` (default) evaluates with :class:`~deap_quant.evaluation.IncrementalEvaluator`
     (cached activations, memoisation, exact early rejection in ``(mu+lambda)``): the same
@@ -227,7 +233,8 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
         rounding = resolve_start(start, qmodel, evaluator=evaluator, calibration=calibration,
                                  float_model=float_model, seed=config.seed, options=start_options)
         start_info = {"name": rounding.name, "changed_weights": changed_weights(qmodel, rounding.states),
-                      "seconds": rounding.seconds, "evaluations": rounding.evaluations}
+                      "seconds": rounding.seconds, "evaluations": rounding.evaluations,
+                      "details": dict(getattr(rounding, "details", None) or {})}
         qmodel.rebase_(rounding.states)
     if toolbox is None:
         toolbox = make_toolbox(qmodel, evaluator, **config.toolbox_options)
@@ -254,11 +261,12 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
         logbook.record(**entry)
         return entry
 
-    hall_of_fame = tools.HallOfFame(config.hof_size)
+    effects = gene_effects(qmodel)  # after any rebase: genes are offsets from the base in force now
+    hall_of_fame = tools.HallOfFame(config.hof_size, similar=effects.same)
     logbook = tools.Logbook()
     logbook.header = ["gen", "nevals", "evals", "max", "mean", "std", "genes", "seconds"]
     last_gen = config.ngen
-    pareto_front = tools.ParetoFront() if config.algorithm == "nsga2" else None
+    pareto_front = tools.ParetoFront(similar=effects.same) if config.algorithm == "nsga2" else None
     archives = {"pareto_front": pareto_front} if pareto_front is not None else {}  # checkpointed with the HoF
 
     def save_checkpoint(gen: int, finished: bool) -> None:
@@ -337,11 +345,15 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
     # The search is over: only now is the test split touched.
     headline = getattr(evaluator, "headline", "score")
     if test_evaluator is None and test is not None:
-        test_evaluator = evaluator.with_data(test) if hasattr(evaluator, "with_data") else None
+        if isinstance(evaluator, IncrementalEvaluator):  # a handful of models, each scored once: no cache to build
+            test_evaluator = Evaluator(qmodel, test, metric=copy.copy(evaluator.metric), batch_size=evaluator.batch_size)
+        else:
+            test_evaluator = evaluator.with_data(test) if hasattr(evaluator, "with_data") else None
 
     def scored(genes: Sequence) -> dict[str, Any]:
         val_scores = evaluator.scores(genes) if hasattr(evaluator, "scores") else {headline: evaluator(genes)[0]}
-        entry: dict[str, Any] = {"val": val_scores[headline], "genes": _genes(genes), "val_scores": val_scores}
+        entry: dict[str, Any] = {"val": val_scores[headline], "genes": _genes(genes),
+                                 "changed_weights": effects.count(genes), "val_scores": val_scores}
         if test_evaluator is not None:
             test_scores = (test_evaluator.scores(genes) if hasattr(test_evaluator, "scores")
                            else {headline: test_evaluator(genes)[0]})
@@ -350,6 +362,7 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
 
     baseline = scored([])
     baseline.pop("genes")
+    baseline.pop("changed_weights")
     hof_scores = [scored(ind) for ind in hall_of_fame]
     float_scores = None
     if float_model is not None and hasattr(evaluator, "score_module"):

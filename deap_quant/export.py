@@ -4,8 +4,9 @@ An export (``format="pt"``, a ``torch.save`` file readable with ``weights_only=T
 quantized layer, its name, the integer states with the evolved genes applied, and its grid
 (scales and zero points, or a codebook); the genes; the float parameters of everything that is
 not a quantized weight; how to rebuild the architecture (a zoo recipe name, or the module
-pickled without its quantized weights); the quantization settings; the scores the run
-reported; and the library versions. :func:`load` rebuilds the module and writes every quantized
+pickled without its quantized weights, or a TorchScript model saved with them zeroed); the
+quantization settings; the scores the run reported; and the library versions. A run with
+``fold_bn`` stores the folded module (a recipe is rebuilt and folded the same way on load). :func:`load` rebuilds the module and writes every quantized
 weight from its integer state with the same grid arithmetic as the run, so the module's outputs,
 and hence its scores, are bit-identical to the evolved model's.
 
@@ -13,12 +14,13 @@ For uniform grids (any bit-width up to 8, since every state fits in int8) the ex
 activation ranges calibrated on validation data (histogram observer, as torch's default qconfig), and ``load(path, int8=True)`` returns a real
 int8 module: every quantized Conv/Linear becomes a :mod:`torch.ao.nn.quantized` layer with the
 evolved integer weights (per-channel or per-tensor), fed by a calibrated quint8 ``Quantize``
-and followed by a ``DeQuantize``; the rest of the network runs in float.
+and followed by a ``DeQuantize``; the rest of the network runs in float. TorchScript models are
+exported and loaded as TorchScript (their weights are set through the scripted submodules); they
+get no int8 module, whose layers cannot be put into a scripted graph.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import json
@@ -55,6 +57,30 @@ def _grid_state(grid: Any) -> dict[str, Any]:
     return {key: (value.detach().clone() if isinstance(value, torch.Tensor) else value) for key, value in state.items()}
 
 
+def _submodule(module: nn.Module, name: str) -> nn.Module:
+    """``module.get_submodule(name)``, also for TorchScript modules, which do not support it."""
+    for part in name.split(".") if name else ():
+        module = getattr(module, part)
+    return module
+
+
+def _is_script(module: nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def _script_bytes(module: nn.Module, names: Sequence[str]) -> bytes:
+    """A TorchScript module saved with its quantized weights zeroed (their values live in the states)."""
+    stripped = copy.deepcopy(module)
+    with torch.no_grad():
+        for name in names:
+            _submodule(stripped, name).weight.zero_()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # torch.jit.save's FutureWarning would break the CLI's one-line rule
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(stripped, buffer)
+    return buffer.getvalue()
+
+
 def _strip_quantized_weights(module: nn.Module, names: Sequence[str]) -> nn.Module:
     stripped = copy.deepcopy(module)
     for name in names:
@@ -74,6 +100,8 @@ def _content(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], *, recipe: 
                    if key not in quantized}
     if recipe is not None:
         architecture: dict[str, Any] = {"kind": "recipe", "recipe": recipe}
+    elif _is_script(qmodel.module):
+        architecture = {"kind": "torchscript", "module": _script_bytes(qmodel.module, names)}
     else:
         buffer = io.BytesIO()
         torch.save(_strip_quantized_weights(qmodel.module, names), buffer)
@@ -81,7 +109,7 @@ def _content(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], *, recipe: 
     layers = []
     for number, info in enumerate(qmodel.layers):
         layers.append({"name": info.name, "kind": info.kind, "shape": list(info.shape), "n_levels": info.n_levels,
-                       "dtype": str(qmodel.module.get_submodule(info.name).weight.dtype).replace("torch.", ""),
+                       "dtype": str(_submodule(qmodel.module, info.name).weight.dtype).replace("torch.", ""),
                        "states": states[number].clone(), "grid": _grid_state(qmodel.grids[number])})
     return {"format": _MARKER, "format_version": EXPORT_FORMAT_VERSION, "library": versions(),
             "architecture": architecture, "float_state": float_state, "layers": layers, "genes": gene_rows,
@@ -126,6 +154,8 @@ def _calibrate(module: nn.Module, names: Sequence[str], inputs: Sequence[torch.T
 
 def _int8_supported(content: dict[str, Any], module: nn.Module) -> Optional[str]:
     """``None`` if an int8 module can be built, else why not."""
+    if _is_script(module):
+        return "the model is TorchScript; int8 layers cannot be put into a scripted graph"
     for layer in content["layers"]:
         if layer["grid"]["kind"] != "uniform":
             return f"layer {layer['name']} has a {layer['grid']['kind']} codebook grid, not a uniform one"
@@ -233,10 +263,9 @@ def _export_run_folder(folder: Path, path: Optional[PathLike], *, cache_dir: Opt
     if not run:
         raise ExportError(f"{results} does not say how its model was built (no config.run); it was not written "
                           "by deap-quant run; export from Python with export(result, path, qmodel=...)")
-    from .cli import _load_float_model
+    from .zoo.loading import float_model_from_settings
 
-    args = argparse.Namespace(**{**run, "cache_dir": cache_dir or run.get("cache_dir")})
-    model, splits, _ = _load_float_model(args)
+    model, splits, _ = float_model_from_settings({**run, "cache_dir": cache_dir or run.get("cache_dir")})
     layers = [p.strip() for p in run["layers"].split(",") if p.strip()] if run.get("layers") else None
     qmodel = quantize(model, layers=layers, config=QuantConfig(**config["quantization"]))
     recipe = run["model"] if _is_recipe(run["model"]) else None
@@ -290,7 +319,18 @@ def _architecture(content: dict[str, Any], allow_pickle: bool) -> nn.Module:
         if architecture["recipe"] not in RECIPES:
             raise ExportError(f"the export needs zoo recipe {architecture['recipe']!r}, which this deap_quant "
                               f"does not have (known: {', '.join(sorted(RECIPES))})")
-        return RECIPES[architecture["recipe"]].build()
+        module = RECIPES[architecture["recipe"]].build()
+        if content["quantization"].get("fold_bn"):  # the run quantized the folded model: rebuild that one
+            from .quantization.fold import fold_bn
+            module = fold_bn(module)
+        return module
+    if architecture["kind"] == "torchscript":  # TorchScript, not a pickle: loading it runs no Python code
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(io.BytesIO(architecture["module"]), map_location="cpu")
+    if architecture["kind"] != "pickle":
+        raise ExportError(f"the export stores its architecture as {architecture['kind']!r}; this deap_quant "
+                          "reads recipe, torchscript and pickle; upgrade deap_quant")
     if not allow_pickle:
         raise ExportError("this export stores its architecture as a pickled module, and unpickling runs code "
                           "from the file; pass allow_pickle=True if you trust it")
@@ -302,7 +342,12 @@ def _rebuild(content: dict[str, Any], allow_pickle: bool) -> nn.Module:
     for layer in content["layers"]:
         weight = _grid(layer).dequantize(layer["states"].reshape(layer["shape"]))
         dtype = getattr(torch, layer.get("dtype", "float32"))
-        module.get_submodule(layer["name"]).weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        target = _submodule(module, layer["name"])
+        if _is_script(module):  # a scripted parameter is written in place (same shape and dtype)
+            with torch.no_grad():
+                target.weight.copy_(weight.to(dtype))
+        else:
+            target.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     missing, unexpected = module.load_state_dict(content["float_state"], strict=False)
     expected_missing = {f"{layer['name']}.weight" for layer in content["layers"]}
     if set(missing) != expected_missing or unexpected:
@@ -354,6 +399,9 @@ _DEPRECATION = ".*quantized tensor creation functions.*deprecated"
 def int8_module(content: dict[str, Any], float_module: Optional[nn.Module] = None,
                 allow_pickle: bool = False) -> nn.Module:
     """A real int8 module from an export's content (see :func:`read_export`)."""
+    if content["architecture"]["kind"] == "torchscript":
+        raise ExportError("this export holds a TorchScript model, which has no int8 module (int8 layers cannot be "
+                          "put into a scripted graph); load it without int8=True")
     if content.get("int8") is None:
         raise ExportError("this export has no int8 calibration: int8 modules need uniform grids and a run "
                           "folder export (or export(..., calibration=val_data))")

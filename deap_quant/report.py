@@ -26,14 +26,19 @@ def format_value(metric: str, value: Optional[float]) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of float / nearest / evolved scores on val and test, plus run figures."""
+    """A plain-text table of float / nearest / evolved scores on val and test, plus run figures.
+
+    ``genes`` is how many genes the evolved rounding has, ``changed`` how many weights they move
+    off the nearest (or start) rounding."""
     metric = result["metric"]
     rows = [("float", result.get("float") or {}), ("nearest", result["baseline"]), ("evolved", result["best"])]
-    lines = [f"{metric:<10}{'val':>12}{'test':>12}{'genes':>8}"]
+    lines = [f"{metric:<10}{'val':>12}{'test':>12}{'genes':>8}{'changed':>9}"]
     for name, scores in rows:
         genes = str(len(scores["genes"])) if "genes" in scores else "-" if name == "float" else "0"
+        changed = (str(scores["changed_weights"]) if "changed_weights" in scores
+                   else "-" if name == "float" or "genes" in scores else "0")
         lines.append(f"{name:<10}{format_value(metric, scores.get('val')):>12}"
-                     f"{format_value(metric, scores.get('test')):>12}{genes:>8}")
+                     f"{format_value(metric, scores.get('test')):>12}{genes:>8}{changed:>9}")
     lines.append(f"evaluations {result['evaluations']}, {result['seconds']:.1f} s, "
                  f"{result['evals_per_second']:.1f} evals/s")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ def main(bits: int = 2, mu: int = 16, lambda_: int = 32, ngen: int = 20, seed: i
 
     random.seed(seed)
     population = toolbox.population(n=mu)
-    hall_of_fame = tools.HallOfFame(3)
+    hall_of_fame = tools.HallOfFame(3, similar=toolbox.gene_effects.same)  # distinct by the weights they change
     algorithms.eaMuPlusLambda(population, toolbox, mu=mu, lambda_=lambda_, cxpb=0.3, mutpb=0.7,
                               ngen=ngen, halloffame=hall_of_fame, verbose=False)
 
@@ -38,7 +38,7 @@ def main(bits: int = 2, mu: int = 16, lambda_: int = 32, ngen: int = 20, seed: i
     tester = evaluator.with_data(zoo.data.test)
     baseline = tester.scores([])["accuracy"]
     for rank, individual in enumerate(hall_of_fame, 1):
-        print(f"#{rank}: {len(individual)} genes, val {individual.fitness.values[0]:.4f}, "
+        print(f"#{rank}: {toolbox.gene_effects.count(individual)} weights changed, val {individual.fitness.values[0]:.4f}, "
               f"test {tester.scores(individual)['accuracy']:.4f} (nearest {baseline:.4f})")
     return hall_of_fame
 

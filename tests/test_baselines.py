@@ -114,7 +114,8 @@ def test_best_stochastic_keeps_the_draw_with_the_best_validation_fitness(tiny_mo
 
 
 def test_adaround_rounds_each_weight_to_a_neighbour_and_reduces_the_first_layer_error(tiny_model, tiny_data):
-    qmodel = quantize(tiny_model, bits=2, scale_method="mse")
+    # min-max grid: on the MSE grid, nearest rounding of this 36-weight layer is already a local optimum
+    qmodel = quantize(tiny_model, bits=2, scale_method="minmax")
     base = [qmodel.base_states(layer).clone() for layer in range(len(qmodel.layers))]
     result = adaround(qmodel, tiny_data, steps=150, batch_size=16, samples=48, seed=0)
     positions = grid_positions(qmodel)
@@ -136,9 +137,12 @@ def test_adaround_rounds_each_weight_to_a_neighbour_and_reduces_the_first_layer_
 
 def test_adaround_quantized_input_target_and_float_model_argument(tiny_model, tiny_data):
     qmodel = quantize(tiny_model, bits=2)
+    tiny_model.train()  # the user's model in training mode must stay so, with its weights untouched
+    weights = {name: value.clone() for name, value in tiny_model.state_dict().items()}
     result = adaround(qmodel, tiny_data[0], float_model=tiny_model, steps=5, target="quantized")
     assert result.details["config"]["target"] == "quantized" and len(result.states) == 2
-    assert tiny_model.training is False
+    assert tiny_model.training is True
+    assert all(torch.equal(value, weights[name]) for name, value in tiny_model.state_dict().items())
 
 
 def test_adaround_refuses_codebook_grids_and_bad_settings(tiny_model, tiny_data):
@@ -193,7 +197,9 @@ def test_evolve_start_errors(tiny_model, tiny_data):
     with pytest.raises(ValueError, match="takes no options"):
         resolve_start("nearest", qmodel, options={"steps": 3})
     states = _other_states(qmodel, 1)
-    assert resolve_start(states, qmodel).states is not None
+    given = resolve_start(states, qmodel)
+    assert all(torch.equal(a.view(-1), b.view(-1)) for a, b in zip(given.states, states))
+    assert changed_weights(qmodel, given.states) == changed_weights(qmodel, states) > 0
     assert resolve_start(lambda q: states, qmodel).name == "<lambda>"
 
 
@@ -210,3 +216,126 @@ def test_nsga2_keeps_a_pareto_front_rescored_on_test(tiny_model, tiny_data):
         assert not np.any((others[:, 0] >= val) & (others[:, 1] <= genes)
                           & ((others[:, 0] > val) | (others[:, 1] < genes)))
     assert all(type(ind).__name__ == "MultiIndividual" for ind in result.population)
+
+
+# ---------------------------------------------------------------------------- AdaRound: targets, activation, report
+def _conv_bn_model(activation: bool) -> torch.nn.Sequential:
+    """Conv -> BatchNorm with far-from-identity statistics [-> ReLU] -> Linear, on 1x8x8 inputs."""
+    from collections import OrderedDict
+
+    from torch import nn
+    torch.manual_seed(3)
+    layers = [("conv", nn.Conv2d(1, 4, 3, padding=1)), ("bn", nn.BatchNorm2d(4))]
+    layers += [("relu", nn.ReLU())] if activation else []
+    layers += [("flatten", nn.Flatten()), ("fc", nn.Linear(4 * 8 * 8, 4))]
+    model = nn.Sequential(OrderedDict(layers))
+    with torch.no_grad():
+        model.bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+        model.bn.running_var.copy_(torch.tensor([0.01, 4.0, 0.25, 9.0]))
+        model.bn.weight.copy_(torch.tensor([1.5, -0.7, 2.0, 0.3]))
+        model.bn.bias.copy_(torch.tensor([0.1, 0.2, -0.3, 0.4]))
+    return model.eval()
+
+
+def _layer_error(module, weight, inputs, target_module, post=lambda x: x):
+    from torch.func import functional_call
+    with torch.no_grad():
+        out = post(functional_call(module, {"weight": weight}, (inputs,)))
+        return float((out - post(target_module(inputs))).pow(2).sum(dim=1).mean())
+
+
+@pytest.mark.parametrize("pass_float_model", [True, False])
+def test_adaround_targets_the_folded_conv_when_batchnorm_is_folded(tiny_data, pass_float_model):
+    from deap_quant.quantization import fold_bn
+
+    model = _conv_bn_model(activation=False)
+    qmodel = quantize(model, bits=3, scale_method="mse", fold_bn=True)
+    inputs = tiny_data[0]
+    result = adaround(qmodel, inputs, float_model=model if pass_float_model else None, steps=2, samples=48)
+    folded = fold_bn(model)  # what the quantized layer computes, with float weights
+    expected = _layer_error(qmodel.module.conv, qmodel.dequantized_weights(0), inputs, folded.conv)
+    first = result.details["layers"][0]
+    assert first["nearest_error"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_adaround_leaves_the_float_model_untouched_and_in_its_own_mode(tiny_data):
+    model = _conv_bn_model(activation=True).train()
+    model.fc.eval()  # a mixed state must come back as it was, module by module
+    modes = {name: module.training for name, module in model.named_modules()}
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for fold in (False, True):
+        qmodel = quantize(model, bits=2, scale_method="mse", fold_bn=fold)
+        adaround(qmodel, tiny_data[0], float_model=model, steps=2, samples=16)
+        assert {name: module.training for name, module in model.named_modules()} == modes
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+
+
+def test_adaround_loss_includes_the_activation_that_follows_the_layer(tiny_data):
+    model = _conv_bn_model(activation=True)
+    inputs = tiny_data[0]
+    for fold in (False, True):  # ReLU after BatchNorm (unfolded: conv -> bn -> relu, its loss sees both)
+        qmodel = quantize(model, bits=2, scale_method="mse", fold_bn=fold)
+        result = adaround(qmodel, inputs, steps=2, samples=48)
+        first, last = result.details["layers"]
+        assert first["activation"] == ("ReLU" if fold else "BatchNorm2d+ReLU") and last["activation"] is None
+        bn = torch.nn.Identity() if fold else qmodel.module.bn
+        reference = float_module(qmodel).conv
+        expected = _layer_error(qmodel.module.conv, qmodel.dequantized_weights(0), inputs, reference,
+                                post=lambda x, bn=bn: torch.relu(bn(x)))
+        assert first["nearest_error"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_adaround_finds_functional_activations_and_none_before_a_residual_add(resnet_setup):
+    qmodel, (inputs, _) = resnet_setup
+    result = adaround(qmodel, inputs, steps=1, samples=8)
+    activation = {entry["layer"]: entry["activation"] for entry in result.details["layers"]}
+    assert activation["conv1"] == "BatchNorm2d+ReLU"  # stem: conv1 -> bn1 -> relu
+    assert activation["layer1.0.conv1"] == "BatchNorm2d+ReLU"
+    assert activation["layer1.0.conv2"] == "BatchNorm2d"  # bn2 -> (+ identity) -> relu: the ReLU is not its alone
+    folded = adaround(quantize(resnet_setup[0].module, bits=4, fold_bn=True), inputs, steps=1, samples=8)
+    activation = {entry["layer"]: entry["activation"] for entry in folded.details["layers"]}
+    assert activation["layer1.0.conv1"] == "ReLU" and activation["layer1.0.conv2"] is None
+    assert activation["fc"] is None
+
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3)
+            self.conv2 = torch.nn.Conv2d(2, 2, 1)
+            self.fc = torch.nn.Linear(2 * 6 * 6, 3)
+
+        def forward(self, x):
+            x = torch.nn.functional.leaky_relu(self.conv(x), 0.2)
+            return self.fc(torch.nn.functional.relu(self.conv2(x), True).flatten(1))  # in place, positionally
+
+    qmodel = quantize(Functional().eval(), bits=2)
+    result = adaround(qmodel, torch.randn(8, 1, 8, 8), steps=1, samples=8)
+    assert [entry["activation"] for entry in result.details["layers"]] == ["leaky_relu", "relu", None]
+
+
+def test_adaround_reports_the_weights_left_undecided():
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    qmodel = quantize(model, bits=2, scale_method="mse")
+    inputs = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))
+    # a vanishing learning rate leaves h at the fractional grid position it starts from
+    result = adaround(qmodel, inputs, steps=1, lr=1e-12, samples=32)
+    fractions = [position - position.floor() for position in grid_positions(qmodel)]
+    low = sum(int(((f > 0.011) & (f < 0.989)).sum()) for f in fractions)
+    high = sum(int(((f > 0.009) & (f < 0.991)).sum()) for f in fractions)
+    assert low <= result.details["undecided"] <= high and low > 0
+    assert result.details["undecided"] == sum(entry["undecided"] for entry in result.details["layers"])
+    assert result.details["undecided_fraction"] == pytest.approx(result.details["undecided"] / qmodel.n_weights)
+    # the regulariser drives every h to 0 or 1 when it has steps enough
+    decided = adaround(qmodel, inputs, steps=400, lr=0.05, reg_weight=1.0, warmup=0.1, samples=32)
+    assert decided.details["undecided"] < result.details["undecided"]
+
+
+def test_adaround_default_is_stronger_and_steps_and_lr_are_checked():
+    assert AdaRoundConfig().steps >= 5000
+    for bad, match in (({"steps": 2.5}, "steps=2.5"), ({"lr": 0}, "lr=0"), ({"lr": float("nan")}, "lr=nan"),
+                       ({"steps": True}, "steps=True"), ({"lr": True}, "lr=True"), ({"lr": float("inf")}, "lr=inf")):
+        with pytest.raises(ValueError, match=match):
+            AdaRoundConfig(**bad)

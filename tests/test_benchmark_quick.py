@@ -43,3 +43,28 @@ def test_bad_arguments_are_refused(benchmark, capsys):
             benchmark["main"](argv)
         assert error.value.code == 2
         assert message in capsys.readouterr().err
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "cifar10-resnet20.th").is_file()
+                    or not (SHARED / "cifar10" / "test.npz").is_file(),
+                    reason=f"the shared real data ({SHARED}) is absent")
+def test_real_table_quick_run_writes_the_documented_json(tmp_path):
+    """benchmarks/real_table.py --quick on ResNet-20: the documented JSON, every grid, the search rows."""
+    table = runpy.run_path(str(BENCHMARK.with_name("real_table.py")), run_name="real_table")
+    path = tmp_path / "real.json"
+    table["main"](["--quick", "--models", "cifar10-resnet20", "--bits", "3", "--only", "es-from-nearest",
+                   "--fast-ngen", "0", "--json", str(path)])
+    written = json.loads(path.read_text())["cifar10_resnet20"]
+    assert written["float"]["test"] > 0.9  # the pretrained checkpoint's 91.7% on the official test set
+    configs = [row["config"] for row in written["rows"] if "paired" not in row]
+    assert configs == ["nearest-minmax", "nearest-mse-full", "nearest-mse-narrow", "nearest-mse-auto",
+                       "nearest-kmeans", "es-from-nearest"]
+    for row in written["rows"]:
+        if "paired" not in row:
+            assert {"config", "bits", "test_mean", "test_std", "seconds"} <= row.keys() and row["bits"] == 3
+            assert 0.0 <= row["test_mean"] <= 1.0
+    search = written["rows"][5]
+    assert search["evals_per_second"] > 0 and search["val_mean"] >= written["rows"][3]["val_mean"]

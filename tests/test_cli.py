@@ -43,6 +43,9 @@ def test_run_with_a_torchscript_file(tmp_path, digits_zoo):
     path = tmp_path / "model.ts"
     torch.jit.script(digits_zoo.model).save(str(path))
     assert main(["run", "--model", str(path), "--out", str(tmp_path / "run"), *TINY]) == 0
+    content = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert content["float"]["test"] == pytest.approx(digits_zoo.float_scores["test"])  # the scripted model itself
+    assert [layer["name"] for layer in content["details"]["layers"]] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -74,3 +77,65 @@ def test_console_script_exits_non_zero_without_traceback():
     out = subprocess.run([sys.executable, "-m", "deap_quant.cli", "run", "--bits", "1"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "bits=1 is not valid" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------- internal errors
+@pytest.mark.parametrize("error, shown", [
+    (KeyError("conv9"), "KeyError: 'conv9'"),
+    (TypeError("unsupported operand type(s) for +: 'int' and 'str'"),
+     "TypeError: unsupported operand type(s) for +: 'int' and 'str'"),
+    (RuntimeError("shape '[2, 3]' is invalid\nfor input of size 5"), "RuntimeError: shape '[2, 3]' is invalid for input of size 5"),
+    (AssertionError(), "AssertionError"),
+])
+def test_an_internal_error_gets_one_line_naming_its_type_and_exit_1(tmp_path, monkeypatch, capsys, error, shown):
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("deap_quant.export.export", broken)
+    assert main(["export", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.strip() == f"deap-quant: internal error: {shown} (run again with --debug for the traceback)"
+
+
+@pytest.mark.parametrize("argv", [["--debug", "export", "{dir}"], ["export", "{dir}", "--debug"]])
+def test_debug_shows_the_traceback_of_an_internal_error(tmp_path, monkeypatch, argv):
+    def broken(*args, **kwargs):
+        raise KeyError("conv9")
+
+    monkeypatch.setattr("deap_quant.export.export", broken)
+    with pytest.raises(KeyError, match="conv9"):
+        main([arg.format(dir=tmp_path) for arg in argv])
+
+
+def test_bad_input_prints_the_whole_message_not_only_its_first_argument(tmp_path, monkeypatch, capsys):
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "weights.pt"))
+
+    monkeypatch.setattr("deap_quant.export.export", missing)
+    assert main(["export", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"deap-quant: error: [Errno 2] No such file or directory: '{tmp_path / 'weights.pt'}'\n"
+    with pytest.raises(FileNotFoundError):  # --debug shows where bad input was refused too
+        main(["export", str(tmp_path), "--debug"])
+
+
+def test_debug_is_not_recorded_with_the_run(tmp_path, digits_zoo):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--debug", *TINY]) == 0
+    assert "debug" not in json.loads((out / "results.json").read_text())["config"]["run"]
+
+
+def test_range_and_mutation_only_settings_reach_the_run(tmp_path, digits_zoo):
+    """--range picks the grid's levels; --crossover none mutates every offspring (no plain copies)."""
+    out = tmp_path / "narrow"
+    assert main(["run", "--range", "narrow", "--crossover", "none", "--out", str(out), *TINY]) == 0
+    content = json.loads((out / "results.json").read_text())
+    assert content["config"]["quantization"]["range"] == "narrow"
+    assert all(layer["n_levels"] == 3 for layer in content["details"]["layers"])  # 2 bits, narrow: -1, 0, +1
+    assert content["config"]["cxpb"] == 0.0 and content["config"]["mutpb"] == 1.0
+    default = tmp_path / "default"
+    assert main(["run", "--out", str(default), *TINY]) == 0
+    content = json.loads((default / "results.json").read_text())
+    assert content["config"]["quantization"]["range"] == "auto" and content["config"]["mutpb"] == 0.8
+    assert all(layer["n_levels"] == 4 for layer in content["details"]["layers"])

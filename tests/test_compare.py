@@ -18,9 +18,11 @@ from deap_quant.compare import (
     RunConfig,
     compare,
     default_config_path,
+    holm,
     load_configs,
     paired_tests,
     pairwise_tests,
+    redraw_split,
     summarize,
 )
 from deap_quant.data import Splits
@@ -100,6 +102,31 @@ def test_statistics_match_scipy():
     assert pairwise[("a", "b")] < 0.05
 
 
+def test_holm_matches_a_hand_computed_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1, and never below a smaller p-value's
+    adjusted = holm([0.02, float("nan"), 0.04])  # NaN (no test) stays NaN and is not counted
+    assert adjusted[0] == pytest.approx(0.04) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.04)
+    assert holm([0.3]) == [0.3] and holm([]) == []
+
+
+def test_paired_p_values_are_holm_corrected_per_reference():
+    tests = {"a": [0.90, 0.92, 0.91, 0.93, 0.94], "b": [0.80, 0.81, 0.83, 0.82, 0.80],
+             "c": [0.81, 0.80, 0.84, 0.82, 0.79], "d": [0.85, 0.83, 0.86, 0.84, 0.80], "e": [0.7] * 5}
+    rows = [{"config": name, "seed": s, "val": 0.0, "test": t} for name, values in tests.items()
+            for s, t in enumerate(values)]
+    paired = {(row["config"], row["reference"]): row
+              for row in paired_tests(rows, [("a", "b"), ("c", "b"), ("d", "b"), ("a", "e")])}
+    family = [("a", "b"), ("c", "b"), ("d", "b")]  # the three compared with b; a against e is a family of its own
+    raw = [paired[pair]["p_wilcoxon_greater"] for pair in family]
+    assert [paired[pair]["p_wilcoxon_greater_holm"] for pair in family] == pytest.approx(holm(raw))
+    assert [paired[pair]["p_mannwhitney_holm"] for pair in family] == pytest.approx(
+        holm([paired[pair]["p_mannwhitney"] for pair in family]))
+    assert paired[("a", "b")]["p_wilcoxon_greater_holm"] == pytest.approx(3 / 32)  # the smallest p (1/32), times 3
+    assert paired[("a", "e")]["p_wilcoxon_greater_holm"] == paired[("a", "e")]["p_wilcoxon_greater"]
+
+
 def test_compare_end_to_end_on_a_tiny_model(tiny_model, tiny_splits, tmp_path):
     configs = [
         RunConfig("nearest-minmax", kind="baseline", method="nearest", scale_method="minmax"),
@@ -128,7 +155,8 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_model, tiny_splits, tmp_path):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
     report = (tmp_path / "report.md").read_text()
-    assert "es-from-adaround | adaround" in report and "Mann-Whitney" in report
+    assert "es-from-adaround | adaround" in report and "Mann-Whitney" in report and "p Holm (Wilcoxon)" in report
+    assert "by data seed" not in report and all(row["data_seed"] == 0 for row in rows)
     assert [p["reference"] for p in result.paired] == ["adaround", "nearest-mse", "nearest-mse"]
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert any("pareto_front" in r["details"] for r in runs["runs"])
@@ -151,18 +179,61 @@ def test_selection_never_looks_at_the_test_split(tiny_model, tiny_splits):
 def test_cli_compare_runs_the_named_configurations(digits_zoo, tmp_path, capsys):
     out = tmp_path / "cmp"
     code = cli_main(["compare", "--model", "digits-cnn", "--bits", "2", "--seeds", "2", "--out", str(out),
-                     "--only", "nearest-mse,es-from-nearest", "--ngen", "1", "--no-progress"])
+                     "--only", "nearest-mse,es-from-nearest", "--ngen", "1", "--no-progress", "--data-seeds", "2"])
     assert code == 0
     rows = json.loads((out / "summary.json").read_text())
     assert sorted({row["config"] for row in rows}) == ["es-from-nearest", "nearest-mse"] and len(rows) == 4
+    assert [row["data_seed"] for row in rows] == [0, 0, 1, 1]
+    assert (out / "runs.csv").read_text().splitlines()[0] == "config,seed,data_seed,val,test,evaluations,seconds"
     printed = capsys.readouterr().out
-    assert "deap-quant compare --model digits-cnn --bits 2 --seeds 2" in printed and "es-from-nearest" in printed
+    assert "deap-quant compare --model digits-cnn --bits 2 --seeds 2" in printed and "--data-seeds 2" in printed
+    assert "es-from-nearest" in printed and "| float |" in printed and "p Holm (Wilcoxon)" in printed
     assert cli_main(["compare", "--list"]) == 0 and "es-from-adaround" in capsys.readouterr().out
     assert cli_main(["compare", "--only", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "nope" in capsys.readouterr().err
     assert cli_main(["compare", "--config", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_redrawn_splits_keep_train_and_the_pool_and_change_val_and_test(digits_zoo):
+    splits = digits_zoo.data
+    assert redraw_split(splits, 0) is splits
+    first, again, other = redraw_split(splits, 1), redraw_split(splits, 1), redraw_split(splits, 2)
+    assert torch.equal(again.val[0], first.val[0]) and torch.equal(again.test[1], first.test[1])  # deterministic
+    assert not torch.equal(first.val[1], splits.val[1]) and not torch.equal(first.test[0], other.test[0])
+    for drawn in (first, other):
+        assert drawn.train is splits.train and drawn.sizes() == splits.sizes()
+        for part in ("val", "test"):  # stratified: every class keeps its count in val and in test
+            assert torch.equal(torch.bincount(getattr(drawn, part)[1], minlength=10),
+                               torch.bincount(getattr(splits, part)[1], minlength=10))
+        pool = sorted(map(bytes, torch.cat([splits.val[0], splits.test[0]]).flatten(1).numpy()))
+        assert sorted(map(bytes, torch.cat([drawn.val[0], drawn.test[0]]).flatten(1).numpy())) == pool
+    assert redraw_split(splits, 1, base_seed=5).val[0].shape == first.val[0].shape
+    assert not torch.equal(redraw_split(splits, 1, base_seed=5).val[1], first.val[1])
+
+
+def test_data_seeds_run_each_seed_on_its_own_data_split(digits_zoo, tiny_model, tiny_splits):
+    configs = [RunConfig("nearest-mse", kind="baseline", method="nearest"), RunConfig("es-from-nearest")]
+    result = compare(digits_zoo, configs, seeds=[0, 1, 2], data_seeds=2, settings=TINY, progress=False)
+    assert [(r["config"], r["seed"], r["data_seed"]) for r in result.rows] == [
+        ("nearest-mse", 0, 0), ("es-from-nearest", 0, 0), ("nearest-mse", 1, 1), ("es-from-nearest", 1, 1),
+        ("nearest-mse", 2, 0), ("es-from-nearest", 2, 0)]
+    from deap_quant import Evaluator, quantize
+    qmodel = quantize(digits_zoo.model, bits=2, scale_method="mse")
+    for row in result.rows[::2]:  # nearest rounding is the same for every seed: only its data differs
+        data = redraw_split(digits_zoo.data, row["data_seed"])
+        assert row["val"] == Evaluator(qmodel, data.val).scores([])["accuracy"]
+        assert row["test"] == Evaluator(qmodel, data.test).scores([])["accuracy"]
+    for record in result.records[1::2]:  # evolution starts on, and is scored on, its seed's split
+        start = record["details"]["start"]
+        assert (start["val"], start["test"]) == (result.rows[2 * (record["seed"])]["val"],
+                                                 result.rows[2 * (record["seed"])]["test"])
+    assert result.settings["data_seeds"] == 2 and [e["data_seed"] for e in result.settings["float_by_data_seed"]] == [0, 1]
+    with pytest.raises(ValueError, match="data_seeds=2 re-draws val and test from one pool .* only the digits"):
+        compare((tiny_model, tiny_splits), configs, seeds=2, data_seeds=2, settings=TINY, progress=False)
+    with pytest.raises(ValueError, match="data_seeds=0 is not valid; use an integer >= 1"):
+        compare((tiny_model, tiny_splits), configs, seeds=2, data_seeds=0, settings=TINY, progress=False)
 
 
 def test_example_main_runs_with_a_tiny_budget(digits_zoo, tmp_path):
@@ -173,3 +244,24 @@ def test_example_main_runs_with_a_tiny_budget(digits_zoo, tmp_path):
                          adaround_steps=20, progress=False)
     assert {row["config"] for row in result.rows} == {"nearest-mse", "adaround", "es-from-adaround"}
     assert result.paired[0]["reference"] == "adaround" and (tmp_path / "report.md").is_file()
+
+
+def test_compare_passes_weights_and_data_root_to_a_recipe(tiny_model, tiny_splits, monkeypatch):
+    """A pretrained recipe (cifar10-resnet20) gets its weights and data through compare() as through run."""
+    from deap_quant.zoo import recipes
+
+    seen = {}
+
+    def fake_load_model(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return recipes.ZooModel(name, tiny_model, tiny_splits, {}, 0.0, True, None, recipes.RECIPES["digits-cnn"])
+
+    monkeypatch.setattr(recipes, "load_model", fake_load_model)
+    monkeypatch.setattr("deap_quant.zoo.load_model", fake_load_model)
+    configs = [RunConfig("nearest-mse", kind="baseline", method="nearest")]
+    result = compare("digits-cnn", configs, seeds=[0], settings=TINY, progress=False, weights="w.th",
+                     data_root="data", options={"val_size": 10})
+    assert seen["weights"] == "w.th" and seen["data_root"] == "data" and seen["options"] == {"val_size": 10}
+    assert len(result.rows) == 1
+    with pytest.raises(ValueError, match="go with a zoo recipe name"):
+        compare((tiny_model, tiny_splits), configs, seeds=[0], weights="w.th", progress=False)

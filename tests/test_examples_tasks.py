@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from deap_quant import quantize
 from deap_quant.data import CanvasConfig, digit_canvases
-from deap_quant.zoo import RECIPES, recipes
+from deap_quant.zoo import RECIPES, load_model, recipes
 from deap_quant.zoo.vision import train_digits_detector
+from tests.checks import assert_rescored
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -36,7 +38,11 @@ def test_tasks_example_runs_every_task(monkeypatch, capsys):
     metrics = {name: result.metric for name, result in results.items()}
     assert metrics == {"digits-vgg": "accuracy", "digits-resnet": "accuracy", "digits-autoencoder": "mse",
                        "digits-detector": "map_50"}
-    for result in results.values():
-        assert result.evaluations == 2 + 2 and result.best["test"] is not None
+    example = load_example()
+    for name, result in results.items():
+        assert result.evaluations == 2 + 2
+        zoo = load_model(name, verbose=False)  # cached: the example's own model, quantized the same way
+        qmodel = quantize(zoo.model, bits=example.BITS[name], scale_method="mse")
+        assert_rescored(result, qmodel, zoo.data.val, zoo.data.test, zoo.recipe.new_metric())
     printed = capsys.readouterr().out
     assert "psnr: nearest test" in printed and "map: nearest test" in printed

@@ -154,3 +154,58 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys, argv, message):
     assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.format(tmp=tmp_path) in err[0]
+
+
+def test_export_of_a_torchscript_run_reproduces_the_reported_test_score_exactly(tmp_path, digits_zoo, capsys):
+    scripted = tmp_path / "model.ts"
+    torch.jit.script(digits_zoo.model).save(str(scripted))
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(scripted), "--dataset", "digits", "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "checked exactly" in captured.out and captured.err == ""
+    results = json.loads((out / "results.json").read_text())
+    content = read_export(out / "model.pt")
+    assert content["architecture"]["kind"] == "torchscript" and content["int8"] is None
+
+    module = dq.load(out / "model.pt")
+    assert isinstance(module, torch.jit.ScriptModule) and not module.training
+    qmodel = quantize(digits_zoo.model, bits=2, scale_method="mse")
+    assert Evaluator(qmodel, digits_zoo.data.test, batch_size=512).score_module(module)["accuracy"] == \
+        results["best"]["test"]
+    with qmodel.applied(results["best"]["genes"]):
+        for number, info in enumerate(qmodel.layer_table()):
+            assert torch.equal(bits_of(getattr(module, info.name).weight), bits_of(qmodel.dequantized_weights(number)))
+    with pytest.raises(ExportError, match="TorchScript.*int8"):
+        dq.load(out / "model.pt", int8=True)
+
+
+def test_export_of_a_fold_bn_recipe_run_rebuilds_the_folded_architecture(tmp_path, capsys):
+    from deap_quant.zoo import RECIPES
+
+    torch.manual_seed(3)
+    model = RECIPES["digits-resnet"].build().eval()
+    generator = torch.Generator().manual_seed(4)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics worth folding
+        norm.running_mean.copy_(0.1 * torch.randn(norm.num_features, generator=generator))
+        norm.running_var.copy_(0.5 + torch.rand(norm.num_features, generator=generator))
+    weights = tmp_path / "resnet.pt"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "run"
+    assert main(["run", "--model", "digits-resnet", "--weights", str(weights), "--fold-bn", "--out", str(out),
+                 *TINY]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out)]) == 0
+    assert "checked exactly" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    content = read_export(out / "model.pt")
+    assert content["architecture"] == {"kind": "recipe", "recipe": "digits-resnet"}
+    assert content["quantization"]["fold_bn"] is True
+
+    module = dq.load(out / "model.pt")
+    assert isinstance(module.bn1, torch.nn.Identity) and module.conv1.bias is not None
+    qmodel = quantize(model, bits=2, scale_method="mse", fold_bn=True)
+    data = RECIPES["digits-resnet"].data(0)
+    assert Evaluator(qmodel, data.test, batch_size=512).score_module(module)["accuracy"] == results["best"]["test"]
+    assert_weights_are_the_evolved_ones(module, qmodel, results["best"]["genes"])

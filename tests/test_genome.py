@@ -94,3 +94,18 @@ def test_sample_is_reproducible_with_random_seed():
 def test_gene_space_rejects_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GeneSpace([3, 4], **kwargs)
+
+
+def test_individual_clone_keeps_what_deap_sets_on_it():
+    from deap import tools
+    population = [MultiIndividual([(0, i, 1)]) for i in range(5)]
+    for i, ind in enumerate(population):
+        ind.fitness.values = (0.1 * i, float(i))
+    tools.selNSGA2(population, 3)  # sets fitness.crowding_dist
+    population[0].history = [1, 2]
+    for ind in population:
+        clone = copy.deepcopy(ind)
+        assert clone.fitness.crowding_dist == ind.fitness.crowding_dist
+        assert clone.fitness.values == ind.fitness.values and clone.fitness is not ind.fitness
+    clone = copy.deepcopy(population[0])
+    assert clone.history == [1, 2] and clone.history is not population[0].history

@@ -42,7 +42,10 @@ def test_init_random_and_empty():
     assert isinstance(ind, Individual) and 1 <= len(ind) <= 6 and not ind.fitness.valid
     random.seed(0)
     assert init_random(Individual, SPACE, 6) == ind
-    assert init_random(Individual, SPACE, 6, k_min=0) is not None
+    sizes = set()
+    for _ in range(200):
+        sizes.add(len(init_random(Individual, SPACE, 6, k_min=0)))
+    assert sizes == set(range(7))  # k_min=0 allows the empty genome, and k_max is reached
     assert init_empty(Individual) == []
 
 
@@ -123,7 +126,8 @@ def test_cx_one_point_swaps_tails_at_a_weight():
     b = individual([(0, 2, -1), (1, 2, -1), (2, 2, -1)])
     cx_one_point(a, b)
     cut = [i for i, g in enumerate(a) if g.offset == -1]
-    assert cut == list(range(cut[0], len(a))) if cut else True  # a = head of a + tail of b
+    assert cut, "seed 7 must cut inside the genomes, or the test checks nothing"
+    assert cut == list(range(cut[0], len(a)))  # a = head of a + tail of b
     assert len(a) + len(b) == 6 and list(a) == sorted(a) and list(b) == sorted(b)
     assert set(a) | set(b) == {Gene(layer, i, o) for layer in range(3) for i, o in ((1, 1), (2, -1))}
 
@@ -143,3 +147,47 @@ def test_cx_layer_swap_exchanges_whole_layers():
         for layer in (0, 1):
             offsets = {g.offset for g in child if g.layer == layer}
             assert len(offsets) == 1
+
+
+def plain_individual_class():
+    """An individual made the DEAP way, with ``creator``: a list of whatever the user puts in it."""
+    from deap import base, creator
+    if not hasattr(creator, "DQPlainFitness"):
+        creator.create("DQPlainFitness", base.Fitness, weights=(1.0,))
+        creator.create("DQPlainIndividual", list, fitness=creator.DQPlainFitness)
+    return creator.DQPlainIndividual
+
+
+@pytest.mark.parametrize("kind", [tuple, list])
+@pytest.mark.parametrize("operator", ["shift", "move", "add", "remove", "mixed", "cx_uniform", "cx_one_point",
+                                      "cx_layer_swap"])
+def test_operators_accept_any_three_sequence(kind, operator):
+    plain = plain_individual_class()
+    random.seed(10)
+    a = plain(kind(g) for g in [(0, 1, 1), (1, 2, -1), (2, 3, 2)])
+    b = plain(kind(g) for g in [(0, 1, -1), (2, 5, 1)])
+    a.fitness.values = b.fitness.values = (0.5,)
+    calls = {"shift": lambda: mut_shift_offset(a, SPACE), "move": lambda: mut_move_gene(a, SPACE),
+             "add": lambda: mut_add_gene(a, SPACE), "remove": lambda: mut_remove_gene(a),
+             "mixed": lambda: mut_mixed(a, SPACE), "cx_uniform": lambda: cx_uniform(a, b, indpb=1.0),
+             "cx_one_point": lambda: cx_one_point(a, b), "cx_layer_swap": lambda: cx_layer_swap(a, b, indpb=1.0)}
+    result = calls[operator]()
+    assert result[0] is a and a.fitness.values == (0.5,)
+    for child in result:
+        assert all(len(gene) == 3 for gene in child)
+        assert [tuple(gene) for gene in child] == normalize(child), "children stay normalised"
+    if operator.startswith("cx"):
+        assert result[1] is b
+        assert sorted(map(tuple, a + b)) == sorted([(0, 1, 1), (1, 2, -1), (2, 3, 2), (0, 1, -1), (2, 5, 1)])
+
+
+def test_shift_and_move_stay_on_the_grid():
+    import numpy as np
+    base = [np.array([0, 3, 1, 2], dtype=np.uint8)]
+    space = GeneSpace([4], [4], max_offset=2, base_states=base)
+    random.seed(11)
+    for _ in range(300):
+        ind = individual([(0, i, 1 if i != 1 else -1) for i in range(4)])
+        mut_shift_offset(ind, space) if random.random() < 0.5 else mut_move_gene(ind, space)
+        for layer, index, offset in ind:
+            assert 0 <= int(base[layer][index]) + offset <= 3 and offset != 0

@@ -243,3 +243,99 @@ def test_kmeans_model_evaluates(tiny_model, tiny_data):
     with qmodel.applied([(0, 0, 1)]):
         out = qmodel(tiny_data[0])
     assert out.shape == (48, 4) and np.isfinite(out.numpy()).all()
+
+
+# ---------------------------------------------------------------------------- grid ranges and MSE scales
+def _levels(grid) -> torch.Tensor:
+    """Every channel's level values, [channels, n_levels]."""
+    states = torch.arange(grid.n_levels, dtype=torch.float32)[None, :]
+    return (states - grid.zero_point[:, None]) * grid.scale[:, None]
+
+
+def _channel_errors(grid, weight: torch.Tensor) -> torch.Tensor:
+    states, _ = grid.quantize(weight)
+    return (grid.dequantize(states) - weight).pow(2).reshape(weight.shape[0], -1).sum(dim=1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_narrow_range_grid_is_symmetric_with_one_level_fewer(bits):
+    weight = torch.randn(6, 20, generator=torch.Generator().manual_seed(bits))
+    for method in ("minmax", "mse"):
+        grid = fit_uniform_grid(weight, bits, per_channel=True, symmetric=True, scale_method=method,
+                                grid_range="narrow")
+        assert grid.n_levels == 2 ** bits - 1
+        levels = _levels(grid)
+        assert torch.allclose(levels, -levels.flip(1), atol=1e-6)  # {-L, ..., 0, ..., L} * scale
+        states, _ = grid.quantize(weight)
+        assert int(states.max()) <= 2 ** bits - 2
+        if method == "minmax":  # the largest |w| of each channel lies exactly on the outermost level
+            assert torch.allclose(levels[:, -1], weight.abs().max(dim=1).values, rtol=1e-6)
+    qmodel = quantize(make_tiny_model(), bits=bits, range="narrow")
+    assert [info.n_levels for info in qmodel.layers] == [2 ** bits - 1] * 2
+    assert qmodel.config["range"] == "narrow"
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_mse_search_reaches_steps_beyond_the_old_clipping_cap(bits):
+    """Weights on the levels {-(2**(bits-1)-1), ..., 2**(bits-1)-1} * c are represented exactly by the
+    full-range grid with step c, a step above PyTorch's min-max step max|w| / (2**bits - 1) * 2 (the old
+    search's upper end): the MSE search must find it."""
+    generator = torch.Generator().manual_seed(0)
+    top = 2 ** (bits - 1) - 1
+    steps = torch.tensor([0.3, 1.0, 2.5])
+    integers = torch.randint(-top, top + 1, (3, 40), generator=generator).float()
+    integers[:, 0], integers[:, 1] = top, -top
+    weight = integers * steps[:, None]
+    grid = fit_uniform_grid(weight, bits, per_channel=True, symmetric=True, scale_method="mse", grid_range="full")
+    assert torch.allclose(grid.scale, steps, rtol=1e-4)
+    assert float(_channel_errors(grid, weight).max()) < 1e-8
+
+
+def test_auto_range_puts_the_extra_level_on_the_side_that_lowers_the_error():
+    weight = torch.tensor([[0.0, 1.0, 2.0, 2.0, 1.0, -1.0],    # positive-heavy: needs {-1, 0, 1, 2} * 1
+                           [0.0, -1.0, -2.0, -2.0, 1.0, -1.0]])  # negative-heavy: {-2, -1, 0, 1} * 1
+    for method in ("mse", "minmax"):
+        grid = fit_uniform_grid(weight, 2, per_channel=True, symmetric=True, scale_method=method, grid_range="auto")
+        assert grid.n_levels == 4
+        assert grid.zero_point.tolist() == [1.0, 2.0]
+        assert float(_channel_errors(grid, weight).max()) < 1e-10
+    # on any weights, per channel: auto <= full <= narrow (the levels of each are a subset of the next's)
+    weight = torch.randn(16, 30, generator=torch.Generator().manual_seed(5)) * torch.rand(16, 1) * 3
+    errors = {r: _channel_errors(fit_uniform_grid(weight, 2, per_channel=True, symmetric=True, scale_method="mse",
+                                                  grid_range=r), weight) for r in ("auto", "full", "narrow")}
+    assert torch.all(errors["auto"] <= errors["full"] + 1e-6) and torch.all(errors["full"] <= errors["narrow"] + 1e-6)
+    assert float(errors["auto"].sum()) < float(errors["full"].sum())
+
+
+def test_mse_default_range_is_auto_and_minmax_stays_the_full_range_straw_man(tiny_model):
+    assert QuantConfig(scale_method="mse").range == "auto"
+    assert QuantConfig().range == "full" and QuantConfig(symmetric=False, scale_method="mse").range == "full"
+    assert QuantConfig(scheme="kmeans", scale_method="mse").range == "full"
+    assert quantize(tiny_model, bits=2, scale_method="mse").config["range"] == "auto"
+    minmax = quantize(tiny_model, bits=2).grids[1]  # PyTorch's observer convention, unchanged
+    bound = tiny_model.fc.weight.abs().max(dim=1).values
+    assert torch.allclose(minmax.scale, bound / 1.5) and minmax.zero_point.tolist() == [2.0] * 4
+    for kwargs, message in (({"range": "half"}, "range='half' is not valid; use one of full, narrow, auto"),
+                            ({"range": "narrow", "symmetric": False}, "range='narrow' needs symmetric=True"),
+                            ({"range": "auto", "scheme": "kmeans"}, "range='auto' needs scheme='uniform'")):
+        with pytest.raises(ValueError, match=message):
+            QuantConfig(**kwargs)
+    assert QuantConfig(**QuantConfig(scale_method="mse").to_dict()) == QuantConfig(scale_method="mse")
+
+
+@pytest.mark.parametrize("grid_range", ["narrow", "auto"])
+def test_genes_and_baselines_stay_on_narrow_and_auto_grids(tiny_model, tiny_data, grid_range):
+    from deap_quant.baselines import adaround, nearest_states, stochastic_states
+
+    qmodel = quantize(tiny_model, bits=2, scale_method="mse", range=grid_range)
+    levels = 3 if grid_range == "narrow" else 4
+    assert [info.n_levels for info in qmodel.layers] == [levels, levels]
+    for layer in range(2):
+        assert torch.equal(nearest_states(qmodel)[layer], qmodel.base_states(layer))
+    with qmodel.applied([(0, 0, 9), (1, 3, -9)]):  # offsets clip to the grid's own ends
+        assert float(qmodel.dequantized_weights(0).view(-1)[0]) == pytest.approx(float(_levels(qmodel.grids[0])[0, -1]))
+        assert float(qmodel.dequantized_weights(1).view(-1)[3]) == pytest.approx(float(_levels(qmodel.grids[1])[0, 0]))
+    drawn = stochastic_states(qmodel, torch.Generator().manual_seed(0))
+    rounded = adaround(qmodel, tiny_data, steps=5, samples=16).states
+    for states in (drawn, rounded):
+        assert all(int(s.max()) < levels for s in states)

@@ -1,8 +1,8 @@
 """Nearest rounding: every weight on the grid level closest to it.
 
-The grid (``scale_method="minmax"`` or ``"mse"``) is chosen by :func:`deap_quant.quantize`;
-this module rounds on whatever grid the quantized model has, from the grid positions, so it
-also restores nearest rounding on a model rebased to another rounding.
+The grid (``scale_method="minmax"`` or ``"mse"``, full, narrow or sign-aware ``range``) is chosen
+by :func:`deap_quant.quantize`; this module rounds on whatever grid the quantized model has, from
+the grid positions, so it also restores nearest rounding on a model rebased to another rounding.
 """
 
 from __future__ import annotations
@@ -31,4 +31,4 @@ def nearest(qmodel: QuantizedModel) -> Rounding:
     started = time.perf_counter()
     states = nearest_states(qmodel)
     return Rounding("nearest", states, seconds=time.perf_counter() - started,
-                    details={"scale_method": qmodel.config.get("scale_method")})
+                    details={"scale_method": qmodel.config.get("scale_method"), "range": qmodel.config.get("range")})

@@ -25,9 +25,11 @@ from sklearn.model_selection import train_test_split
 
 from .digits import Splits
 
-__all__ = ["DatasetNotFound", "mnist", "cifar10", "imagefolder", "voc", "coco", "LOCAL_DATASETS", "VOC_CLASSES"]
+__all__ = ["DatasetNotFound", "mnist", "cifar10", "mnist_arrays", "cifar10_arrays", "imagefolder", "voc", "coco",
+           "LOCAL_DATASETS", "VOC_CLASSES", "MNIST_LAYOUT", "CIFAR10_LAYOUT"]
 
 PathLike = Union[str, os.PathLike]
+Pair = tuple[torch.Tensor, torch.Tensor]
 
 #: The 20 PASCAL VOC classes; labels are their position + 1 (0 is torchvision's background).
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -102,20 +104,54 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- MNIST
-MNIST_LAYOUT = "ROOT/MNIST/raw/{" + ",".join(MNIST_FILES) + "} (uncompressed IDX files, as torchvision writes them)"
+MNIST_LAYOUT = ("ROOT/MNIST/raw/{" + ",".join(MNIST_FILES) + "} (uncompressed IDX files, as torchvision writes them), "
+                "or .npz files: ROOT/mnist.npz with x_train, y_train, x_test, y_test (uint8 [N,28,28]) or "
+                "ROOT/{train*.npz,test.npz} each with x, y")
 
 
-def mnist(root: Optional[PathLike], seed: int = 0, val_fraction: float = 0.1, limit: Optional[int] = None) -> Splits:
-    """MNIST from torchvision's layout: train (minus a stratified ``val_fraction``) / val / the official test.
+def _npz_train_test(root: Path, dataset: str, shape: tuple[int, ...], num_classes: int) -> tuple[Pair, Pair]:
+    """(train, test) from an npz data root, checked against the data set's image shape and classes."""
+    from .npz import NPZ_LAYOUT, read_npz
 
-    ``root`` is the folder holding ``MNIST/`` (as for ``torchvision.datasets.MNIST``) or ``MNIST/`` itself.
-    Images are ``[N, 1, 28, 28]`` floats in ``[0, 1]``.
-    """
+    found = read_npz(root)
+    where = ", ".join(str(p) for p in found.files)
+    if set(found.parts) != {"train", "test"}:
+        raise ValueError(f"{dataset}: {where!r} holds the splits {sorted(found.parts)}; {dataset} needs exactly "
+                         f"train and test (validation is carved from train). Expected {NPZ_LAYOUT}")
+    for split, (images, labels) in found.parts.items():
+        if tuple(images.shape[1:]) != shape:
+            raise ValueError(f"{dataset}: the {split} images in {where!r} have shape {tuple(images.shape[1:])} per "
+                             f"image; {dataset} has {shape}")
+        if len(labels) and int(labels.max()) >= num_classes:
+            raise ValueError(f"{dataset}: the {split} labels in {where!r} reach {int(labels.max())}; {dataset} has "
+                             f"{num_classes} classes (0..{num_classes - 1})")
+    return found.parts["train"], found.parts["test"]
+
+
+def _data_path(root: Optional[PathLike], dataset: str, layout: str) -> Path:
+    """``root`` as a path: an existing folder, or an existing ``.npz`` file."""
+    if root is not None and Path(root).expanduser().is_file():
+        path = Path(root).expanduser()
+        if path.suffix != ".npz":
+            raise DatasetNotFound(f"{dataset}: {str(path)!r} is a file but not an .npz file. Expected layout: {layout}")
+        return path
+    return _root(root, dataset, layout)
+
+
+def _uses_npz(path: Path, folder: str) -> bool:
+    from .npz import is_npz_root
+
+    return path.suffix == ".npz" or (not (path / folder).is_dir() and path.name != folder and is_npz_root(path))
+
+
+def mnist_arrays(root: Optional[PathLike]) -> tuple[Pair, Pair]:
+    """MNIST's official (train, test) images ``[N, 1, 28, 28]`` in ``[0, 1]`` with int64 labels, from
+    torchvision's ``MNIST/raw`` folder or from npz files (see :data:`MNIST_LAYOUT`)."""
+    path = _data_path(root, "mnist", MNIST_LAYOUT)
+    if _uses_npz(path, "MNIST"):
+        return _npz_train_test(path, "mnist", (1, 28, 28), 10)
     from torchvision.datasets import MNIST
 
-    _check_fraction("val_fraction", val_fraction)
-    _check_limit(limit)
-    path = _root(root, "mnist", MNIST_LAYOUT)
     if path.name == "MNIST" and (path / "raw").is_dir():
         path = path.parent
     for name in MNIST_FILES:
@@ -127,12 +163,25 @@ def mnist(root: Optional[PathLike], seed: int = 0, val_fraction: float = 0.1, li
         raise ValueError(f"mnist: the files under {str(path / 'MNIST' / 'raw')!r} are not valid IDX files "
                          f"({error})") from None
     train, test = ((_to_float(p.data[:, None]), p.targets.to(torch.int64)) for p in parts)
+    return train, test
+
+
+def mnist(root: Optional[PathLike], seed: int = 0, val_fraction: float = 0.1, limit: Optional[int] = None) -> Splits:
+    """MNIST from torchvision's layout: train (minus a stratified ``val_fraction``) / val / the official test.
+
+    ``root`` is the folder holding ``MNIST/`` (as for ``torchvision.datasets.MNIST``) or ``MNIST/`` itself,
+    or npz files (see :data:`MNIST_LAYOUT`). Images are ``[N, 1, 28, 28]`` floats in ``[0, 1]``.
+    """
+    _check_fraction("val_fraction", val_fraction)
+    _check_limit(limit)
+    train, test = mnist_arrays(root)
     return _classification_splits(train, test, 10, "mnist", seed, val_fraction, limit)
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
 CIFAR10_LAYOUT = ("ROOT/cifar-10-batches-py/{" + ",".join(CIFAR10_FILES) + "[,batches.meta]} (the python "
-                  "version of CIFAR-10, pickled batches)")
+                  "version of CIFAR-10, pickled batches), or .npz files: ROOT/{train*.npz,test.npz} each with x "
+                  "(uint8 [N,32,32,3]) and y, or one .npz with x_train, y_train, x_test, y_test")
 
 
 def _cifar10_class() -> type:
@@ -157,15 +206,12 @@ def _cifar10_class() -> type:
     return LocalCIFAR10
 
 
-def cifar10(root: Optional[PathLike], seed: int = 0, val_fraction: float = 0.1,
-            limit: Optional[int] = None) -> Splits:
-    """CIFAR-10 (python batches): train (minus a stratified ``val_fraction``) / val / the official test batch.
-
-    ``root`` holds ``cifar-10-batches-py/`` (or is that folder). Images are ``[N, 3, 32, 32]`` in ``[0, 1]``.
-    """
-    _check_fraction("val_fraction", val_fraction)
-    _check_limit(limit)
-    path = _root(root, "cifar10", CIFAR10_LAYOUT)
+def cifar10_arrays(root: Optional[PathLike]) -> tuple[Pair, Pair]:
+    """CIFAR-10's (train, test) images ``[N, 3, 32, 32]`` in ``[0, 1]`` with int64 labels, from the python
+    batches (``cifar-10-batches-py``) or from npz files (see :data:`CIFAR10_LAYOUT`)."""
+    path = _data_path(root, "cifar10", CIFAR10_LAYOUT)
+    if _uses_npz(path, "cifar-10-batches-py"):
+        return _npz_train_test(path, "cifar10", (3, 32, 32), 10)
     if path.name == "cifar-10-batches-py":
         path = path.parent
     for name in CIFAR10_FILES:
@@ -179,6 +225,19 @@ def cifar10(root: Optional[PathLike], seed: int = 0, val_fraction: float = 0.1,
                          f"CIFAR-10 python pickles ({type(error).__name__}: {error})") from None
     train, test = ((_to_float(torch.from_numpy(p.data).permute(0, 3, 1, 2)), torch.tensor(p.targets, dtype=torch.int64))
                    for p in parts)
+    return train, test
+
+
+def cifar10(root: Optional[PathLike], seed: int = 0, val_fraction: float = 0.1,
+            limit: Optional[int] = None) -> Splits:
+    """CIFAR-10 (python batches or npz): train (minus a stratified ``val_fraction``) / val / the official test.
+
+    ``root`` holds ``cifar-10-batches-py/`` (or is that folder), or npz files (see :data:`CIFAR10_LAYOUT`).
+    Images are ``[N, 3, 32, 32]`` in ``[0, 1]``.
+    """
+    _check_fraction("val_fraction", val_fraction)
+    _check_limit(limit)
+    train, test = cifar10_arrays(root)
     return _classification_splits(train, test, 10, "cifar10", seed, val_fraction, limit)
 
 
@@ -431,7 +490,14 @@ def coco(root: Optional[PathLike], seed: int = 0, limit: Optional[int] = None) -
     return _detection_splits(parts, max(categories | used | {0}) + 1, "coco", seed, limit)
 
 
+def _npz_splits(root: Optional[PathLike], seed: int) -> Splits:
+    from .npz import npz
+
+    return npz(root, seed)
+
+
 #: Loaders by name, in the ``DATASETS`` form ``loader(data_root, seed)``.
 LOCAL_DATASETS: dict[str, Callable[[Optional[str], int], Splits]] = {
+    "npz": _npz_splits,
     "mnist": mnist, "cifar10": cifar10, "imagefolder": imagefolder, "voc": voc, "coco": coco,
 }

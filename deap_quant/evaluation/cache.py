@@ -20,6 +20,8 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
 from .stages import tensors_in
 
 __all__ = ["CacheEntry", "ActivationCache", "available_memory", "default_budget", "DEFAULT_CACHE_FRACTION",
@@ -32,8 +34,14 @@ DEFAULT_CACHE_FRACTION = 0.25
 FALLBACK_BUDGET = 512 * 2 ** 20
 
 
-def available_memory() -> Optional[int]:
-    """Bytes of memory available to new allocations (``MemAvailable`` in ``/proc/meminfo``), if known."""
+def available_memory(device: Optional[Any] = None) -> Optional[int]:
+    """Bytes of memory available to new allocations, if known: on a CUDA ``device`` its free memory,
+    else the host's (``MemAvailable`` in ``/proc/meminfo``)."""
+    if device is not None and torch.device(device).type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except (RuntimeError, AssertionError):
+            return None
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
@@ -47,11 +55,12 @@ def available_memory() -> Optional[int]:
         return None
 
 
-def default_budget(fraction: float = DEFAULT_CACHE_FRACTION) -> int:
-    """``fraction`` of the available memory, or :data:`FALLBACK_BUDGET` if it cannot be read."""
+def default_budget(fraction: float = DEFAULT_CACHE_FRACTION, device: Optional[Any] = None) -> int:
+    """``fraction`` of the memory available where the activations live (``device``: the model's; the
+    host's for ``None`` or a CPU), or :data:`FALLBACK_BUDGET` if it cannot be read."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction!r} is not valid; use a number in [0, 1]")
-    available = available_memory()
+    available = available_memory(device)
     return FALLBACK_BUDGET if available is None else int(available * fraction)
 
 

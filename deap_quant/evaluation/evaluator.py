@@ -1,12 +1,14 @@
 """Fitness of a gene list: apply the genes to the frozen model, measure a metric on data, revert.
 
 The evaluator reads its data lazily: nothing is loaded until the first evaluation, so a test
-split handed over at set-up is not touched before it is actually scored.
+split handed over at set-up is not touched before it is actually scored. Batches are moved to the
+model's device, and floating inputs to its floating dtype (:func:`place`), when they are used.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -17,9 +19,63 @@ from torch.utils.data import DataLoader, Dataset
 from ..quantization.model import QuantizedModel
 from .metrics import Metric, MetricSpec, make_metric
 
-__all__ = ["Evaluator", "FunctionEvaluator", "DataSpec", "materialize"]
+__all__ = ["Evaluator", "FunctionEvaluator", "DataSpec", "materialize", "model_placement", "place",
+           "inputs_do_not_fit"]
 
 DataSpec = Union[DataLoader, Dataset, tuple]
+
+Placement = tuple[Optional[torch.device], Optional[torch.dtype]]
+
+#: Words of PyTorch's shape-mismatch messages ("mat1 and mat2 shapes cannot be multiplied", "expected
+#: input[...] to have 1 channels", "Expected 3D (unbatched) or 4D (batched) input", "size of tensor a").
+_SHAPE_WORDS = re.compile(r"shape|\bsizes?\b|\bchannels\b|dimension|\b\d+D\b|should contain \d+ elements", re.I)
+#: Words of other failures that may mention sizes (dtypes, devices, memory).
+_OTHER_CAUSES = re.compile(r"dtype|\btype\b|device|out of memory|allocat", re.I)
+
+
+def model_placement(module: nn.Module) -> Placement:
+    """``(device, dtype)`` of ``module``'s first floating parameter (in ``module.parameters()`` order),
+    else of its first floating buffer; ``(None, None)`` if it has neither."""
+    found: Placement = (None, None)
+    stack = [module]
+    while stack:  # (depth first, as named_modules(); cheaper than parameters(), it runs every evaluation)
+        current = stack.pop()
+        for tensor in current._parameters.values():
+            if tensor is not None and tensor.is_floating_point():
+                return tensor.device, tensor.dtype
+        if found[0] is None:
+            for tensor in current._buffers.values():
+                if tensor is not None and tensor.is_floating_point():
+                    found = (tensor.device, tensor.dtype)
+                    break
+        stack.extend(reversed([child for child in current._modules.values() if child is not None]))
+    return found
+
+
+def place(value: Any, device: Optional[torch.device], dtype: Optional[torch.dtype] = None) -> Any:
+    """``value`` with every tensor in it (nested tuples, lists, dicts) moved to ``device``, and every
+    floating one converted to ``dtype`` (when given). Tensors already there are returned as they are."""
+    if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+            return value.to(device=device, dtype=dtype)
+        if device is not None and value.device != device:
+            return value.to(device)
+        return value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(place(item, device, dtype) for item in value)
+    if isinstance(value, dict):
+        return {key: place(item, device, dtype) for key, item in value.items()}
+    return value
+
+
+def inputs_do_not_fit(error: RuntimeError, inputs: Any) -> Optional[ValueError]:
+    """A ``ValueError`` saying that ``inputs`` do not fit the model, if ``error`` is a shape mismatch
+    (else ``None``: the error has another cause and should propagate as it is)."""
+    message = str(error)
+    if not _SHAPE_WORDS.search(message) or _OTHER_CAUSES.search(message):
+        return None
+    shape = tuple(inputs.shape) if hasattr(inputs, "shape") else type(inputs).__name__
+    return ValueError(f"inputs of shape {shape} do not fit the model: {message}")
 
 
 def materialize(data: DataSpec, batch_size: int) -> list[tuple[Any, Any]]:
@@ -66,13 +122,30 @@ class Evaluator:
         self.metric: Metric = make_metric(metric)
         self.evaluations = 0
         self._batches: Optional[list[tuple[Any, Any]]] = None
+        self._placed: Optional[tuple[Placement, list[tuple[Any, Any]]]] = None
 
     # ------------------------------------------------------------------ data
     @property
     def batches(self) -> list[tuple[Any, Any]]:
+        """The data as batches, on the quantized model's device (as last placed, see :meth:`batches_for`)."""
+        placed = getattr(self, "_placed", None)  # (absent in evaluators pickled by older versions)
+        if placed is None:
+            return self.batches_for(self.qmodel.module)
+        return placed[1]
+
+    def batches_for(self, module: nn.Module, placement: Optional[Placement] = None) -> list[tuple[Any, Any]]:
+        """The batches placed for ``module``: tensors on its device, floating inputs in its dtype.
+
+        The placed copies are kept until a module on another device or dtype asks for them.
+        ``placement`` is :func:`model_placement` of ``module``, if the caller has it already.
+        """
         if self._batches is None:
             self._batches = materialize(self.data, self.batch_size)
-        return self._batches
+        device, dtype = key = model_placement(module) if placement is None else placement
+        if getattr(self, "_placed", None) is None or self._placed[0] != key:
+            self._placed = (key, [(place(inputs, device, dtype), place(targets, device))
+                                  for inputs, targets in self._batches])
+        return self._placed[1]
 
     @property
     def n_samples(self) -> int:
@@ -83,13 +156,16 @@ class Evaluator:
         """Run ``module`` over all batches and return the filled metric."""
         metric = self.metric
         metric.reset()
+        batches = self.batches_for(module)
         with torch.inference_mode():
-            for inputs, targets in self.batches:
+            for inputs, targets in batches:
                 try:
                     outputs = module(inputs)
                 except RuntimeError as error:
-                    shape = tuple(inputs.shape) if hasattr(inputs, "shape") else type(inputs).__name__
-                    raise ValueError(f"inputs of shape {shape} do not fit the model: {error}") from error
+                    misfit = inputs_do_not_fit(error, inputs)
+                    if misfit is None:
+                        raise
+                    raise misfit from error
                 metric.update(outputs, targets)
         return metric
 
@@ -124,7 +200,10 @@ class Evaluator:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_batches"] = self.batches  # ship data once, as batches
+        if self._batches is None:
+            self._batches = materialize(self.data, self.batch_size)
+        state["_batches"] = self._batches  # ship data once, as batches (placed again where they are used)
+        state["_placed"] = None
         state["data"] = None
         return state
 

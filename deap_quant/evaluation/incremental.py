@@ -33,15 +33,31 @@ returns bit-identical fitness values, faster:
   ever asked for without a threshold that excludes it.
 
 Batches are those of the plain evaluator (same size, same order of metric updates), so every
-complete fitness equals ``Evaluator(...)(genes)`` bit for bit. This module imports torch only.
+complete fitness equals ``Evaluator(...)(genes)`` bit for bit.
+
+**Change detection.** Stored activations and fitness values hold for the weights the model has
+without genes. Before every evaluation the evaluator compares the model's state with the one
+they were computed for: the quantized model's :attr:`~deap_quant.QuantizedModel.revision` (a
+new base, writes still in force), the module's submodules, the data's device and dtype, and
+every parameter and buffer -- its storage address, version counter, dtype, shape and strides
+(the storages described are kept alive, so no new tensor can take their address). Any in-place
+edit of a tensor (``weight[0] += 1`` under ``no_grad``, ``running_mean.fill_(0)``), any new tensor
+assigned to it (``.to()``, ``.double()``, ``.half()``, ``param.data = ...``) and any replaced
+submodule is noticed exactly. Edits through ``tensor.data`` bypass version counters: whole-layer rewrites of quantized
+weights are still caught (a fixed sample of weights is compared), others need
+:meth:`QuantizedModel.mark_modified` or :meth:`IncrementalEvaluator.reset`. The split and its
+verified patches and row counts are rebuilt when the module's structure, or the dtype, device or
+layout of a tensor, changes. Everything that is verified (the split, channel patches, row
+subsets) is verified under the evaluation's own thread count. This module imports torch only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -49,14 +65,15 @@ import torch
 
 from ..quantization.model import QuantizedModel
 from .cache import ActivationCache, CacheEntry, _storages, default_budget
-from .evaluator import DataSpec, Evaluator
+from .evaluator import DataSpec, Evaluator, inputs_do_not_fit, model_placement
 from .metrics import Accuracy, MetricSpec
 from .rows import bucket, changed_rows, identical_bits, put_rows, row_structured, shapes, take_rows
 from .stages import StageSpec, StageSplit, split_model
 
 __all__ = ["IncrementalEvaluator", "Outcome", "announce_parents", "REJECTED_TIE_BREAK"]
 
-#: Weights per quantized layer compared before every evaluation to notice hand-made rewrites.
+#: Weights per quantized layer compared before every evaluation, to notice rewrites through ``.data``
+#: (which no version counter records).
 PROBES_PER_LAYER = 64
 
 #: Gene lists whose genome key is remembered (cleared when full).
@@ -93,7 +110,8 @@ class IncrementalEvaluator(Evaluator):
     fitness for genomes evaluated before (``memo_size`` most recent genomes). ``prune``: keep
     only the parents' and hall of fame's activations between generations (see
     :meth:`prepare_generation`; without it, the cache is purely LRU). ``threads``:
-    torch intra-op threads while evaluating (``None`` leaves torch's setting alone).
+    torch intra-op threads while evaluating, and while the split, its channel patches and row
+    subsets are verified (``None`` leaves torch's setting alone).
     """
 
     def __init__(self, qmodel: QuantizedModel, data: DataSpec, metric: MetricSpec = "accuracy",
@@ -130,15 +148,16 @@ class IncrementalEvaluator(Evaluator):
     # ------------------------------------------------------------------ set-up
     def _unprepare(self) -> None:
         self._split: Optional[StageSplit] = None
-        self._split_module: Optional[int] = None
+        self._split_layout: Optional[tuple] = None  # what the split was built and verified for
         self._cache: Optional[ActivationCache] = None
         self._layer_stage: list[int] = []
         self._layer_last: list[int] = []
         self._new_bytes: list[int] = []
-        self._probes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._probes: list[tuple[Any, torch.Tensor]] = []  # (module, flat weight indices) per quantized layer
         self._patches: dict[int, tuple[int, int]] = {}
         self._row_verdicts: dict[tuple, bool] = {}
         self._token: Optional[tuple] = None
+        self._held: list[Any] = []  # the modules and tensor storages the token refers to, kept alive
 
     def _reset_counters(self) -> None:
         self.memo_hits = 0
@@ -158,29 +177,75 @@ class IncrementalEvaluator(Evaluator):
         """Whether the metric allows exact early rejection: accuracy or top-k (exactly :class:`Accuracy`)."""
         return type(self.metric) is Accuracy
 
-    def _current_token(self) -> tuple:
-        """Identifies the weights the model holds without genes.
+    @contextlib.contextmanager
+    def _threads_set(self) -> Iterator[None]:
+        """The evaluation's torch thread count in force inside (``threads``; unchanged if ``None``)."""
+        previous = torch.get_num_threads()
+        change = self.threads is not None and self.threads != previous
+        if change:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            if change:
+                torch.set_num_threads(previous)
 
-        It changes when :meth:`QuantizedModel.rebase_` rewrites the base states (exactly, by
-        their version counters) and when weights are rewritten by hand, e.g. by
-        ``baselines.temporarily_rounded`` (probed at :data:`PROBES_PER_LAYER` fixed positions
-        per layer, so a rewrite of a whole layer is caught; after editing single weights by
-        hand, call :meth:`reset`).
+    def _model_state(self) -> tuple[list[Any], list[torch.Tensor]]:
+        """Every submodule of the model and every parameter and buffer (``None`` entries included)."""
+        modules, tensors = [self.qmodel.module], []
+        for module in modules:  # (the list grows while it is walked: breadth first)
+            modules.extend(child for child in module._modules.values() if child is not None)
+            tensors.extend(module._parameters.values())
+            tensors.extend(module._buffers.values())
+        return modules, tensors
+
+    def _current_token(self, placement: tuple) -> tuple[tuple, list[Any], list[torch.Tensor]]:
+        """Identifies the model's state without genes, except for the probes (see "Change detection"
+        in the module docstring): ``(token, modules, tensors)``.
+
+        Per tensor: its storage address, version counter, dtype, shape and strides. Once accepted,
+        the modules and storages it describes are kept alive (:attr:`_held`), so that no new
+        module or tensor can take the identity or the address of one it describes.
         """
-        versions = tuple(self.qmodel.base_states(layer)._version for layer in range(len(self.qmodel.layers)))
-        probed = torch.cat([flat[index] for flat, index in self._probes]) if self._probes else torch.empty(0)
-        return (id(self.qmodel.module), versions, probed.numpy().tobytes())
+        qmodel = self.qmodel
+        modules, tensors = self._model_state()
+        fingerprint = tuple((t.data_ptr(), t._version, t.dtype, t.shape, t.stride()) if t is not None else None
+                            for t in tensors)
+        versions = tuple(state._version for state in qmodel._states)
+        token = (qmodel.revision, versions, tuple(map(id, modules)), fingerprint, placement)
+        return token, modules, tensors
+
+    def _probed(self) -> Optional[torch.Tensor]:
+        """The bits of the probed quantized weights, as bytes (they see rewrites through ``.data``)."""
+        if not self._probes:
+            return None
+        return torch.cat([module.weight.take(index) for module, index in self._probes]).view(torch.uint8)
+
+    @staticmethod
+    def _layout(token: tuple) -> tuple:
+        """What a split is built and verified for: the submodules, the data's device and dtype, and
+        each tensor's dtype, shape and strides (not its values)."""
+        return token[2], token[4], tuple(entry and entry[2:] for entry in token[3])
 
     def _prepare(self) -> StageSplit:
-        if self._split is None or self._split_module != id(self.qmodel.module):
-            self._build()
-        token = self._current_token()
-        if token != self._token:  # other base weights: every stored activation and fitness is stale
-            if self._cache is not None:
-                self._cache.clear()
-            self._memo.clear()
-            self._keys.clear()
-            self._token = token
+        placement = model_placement(self.qmodel.module)
+        self.batches_for(self.qmodel.module, placement)  # the data follows the model's device and dtype
+        token, modules, tensors = self._current_token(placement)
+        if self._token is not None and token == self._token[0]:
+            probed, known = self._probed(), self._token[1]
+            if probed is None or torch.equal(probed, known):
+                return self._split
+        # other weights or buffers: every stored activation and fitness is stale
+        if self._split is None or self._split_layout != self._layout(token):
+            with self._threads_set():  # verified as it will be evaluated
+                self._build()
+            self._split_layout = self._layout(token)
+        if self._cache is not None:
+            self._cache.clear()
+        self._memo.clear()
+        self._keys.clear()
+        self._token = (token, self._probed())
+        self._held = [*modules, *(tensor.data for tensor in tensors if tensor is not None)]
         return self._split
 
     def _build(self) -> None:
@@ -189,8 +254,10 @@ class IncrementalEvaluator(Evaluator):
         try:
             split = split_model(self.qmodel.module, self.stages_spec, quantized=names, sample=sample)
         except RuntimeError as error:
-            shape = tuple(sample.shape) if hasattr(sample, "shape") else type(sample).__name__
-            raise ValueError(f"inputs of shape {shape} do not fit the model: {error}") from error
+            misfit = inputs_do_not_fit(error, sample)
+            if misfit is None:
+                raise
+            raise misfit from error
         shapes = {}
         for inputs, _ in self.batches:
             shapes.setdefault(tuple(inputs.shape) if hasattr(inputs, "shape") else None, inputs)
@@ -207,14 +274,16 @@ class IncrementalEvaluator(Evaluator):
             if layer is not None and self._layer_stage[layer] == index:
                 self._patches[index] = (layer, self.qmodel.layers[layer].numel // stage.patch.channels)
         generator = torch.Generator().manual_seed(0)
-        self._probes = [(weight.data.view(-1), torch.randint(weight.numel(), (min(weight.numel(), PROBES_PER_LAYER),),
-                                                             generator=generator)) for weight in weights]
-        budget = default_budget() if self.cache_bytes is None else self.cache_bytes
+        self._probes = [(modules[name], torch.randint(weight.numel(), (min(weight.numel(), PROBES_PER_LAYER),),
+                                                      generator=generator).to(weight.device))
+                        for name, weight in zip(names, weights)]
+        device = model_placement(self.qmodel.module)[0]
+        budget = default_budget(device=device) if self.cache_bytes is None else self.cache_bytes
         self._cache = ActivationCache(budget) if len(split) > 1 and budget > 0 else None
         self._new_bytes = self._estimate_new_bytes(split, sample) if self._cache is not None else []
         self._memo.clear()
         self._keys.clear()
-        self._split, self._split_module, self._token = split, id(self.qmodel.module), None
+        self._split, self._token = split, None
 
     def _estimate_new_bytes(self, split: StageSplit, sample: Any) -> list[int]:
         """``[k]``: bytes of the activations an evaluation starting at stage ``k`` adds to the cache."""
@@ -235,7 +304,8 @@ class IncrementalEvaluator(Evaluator):
         return estimates
 
     def reset(self) -> None:
-        """Forget cached activations and stored fitness (call after changing the model's weights by hand)."""
+        """Forget cached activations and stored fitness (needed only after editing weights through
+        ``tensor.data``; see "Change detection" in the module docstring)."""
         if self._cache is not None:
             self._cache.clear()
         self._memo.clear()
@@ -410,14 +480,8 @@ class IncrementalEvaluator(Evaluator):
             self._memo.move_to_end(key)
             self.memo_hits += 1
             return known
-        previous = torch.get_num_threads()
-        if self.threads is not None and self.threads != previous:
-            torch.set_num_threads(self.threads)
-        try:
+        with self._threads_set():
             outcome = self._compute(key, split, threshold)
-        finally:
-            if self.threads is not None and self.threads != previous:
-                torch.set_num_threads(previous)
         return self._remember(key, outcome)
 
     def _compute(self, key: tuple, split: StageSplit, threshold: Optional[tuple[float, float]]) -> Outcome:
@@ -479,8 +543,10 @@ class IncrementalEvaluator(Evaluator):
                         try:
                             state = split.stages[stage](state)
                         except RuntimeError as error:
-                            shape = tuple(inputs.shape) if hasattr(inputs, "shape") else type(inputs).__name__
-                            raise ValueError(f"inputs of shape {shape} do not fit the model: {error}") from error
+                            misfit = inputs_do_not_fit(error, inputs)
+                            if misfit is None:
+                                raise
+                            raise misfit from error
                         if store or stage + 1 == n_stages:
                             new_states[stage + 1][b] = state
                         self.stage_batches += 1
@@ -572,7 +638,7 @@ class IncrementalEvaluator(Evaluator):
             return None
         index = rows
         if size > len(rows):  # pad with unchanged samples to a verified batch size
-            unchanged = torch.ones(rows_total, dtype=torch.bool)
+            unchanged = torch.ones(rows_total, dtype=torch.bool, device=rows.device)
             unchanged[rows] = False
             index = torch.cat([rows, unchanged.nonzero().flatten()[:size - len(rows)]])
         if not self._rows_verified(split, b, stage, index, ancestor):
@@ -641,8 +707,8 @@ class IncrementalEvaluator(Evaluator):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for name in ("_split", "_split_module", "_cache", "_layer_stage", "_layer_last", "_new_bytes", "_probes", "_patches",
-                     "_row_verdicts", "_token", "_base_flat", "_keys"):
+        for name in ("_split", "_split_layout", "_cache", "_layer_stage", "_layer_last", "_new_bytes", "_probes",
+                     "_patches", "_row_verdicts", "_token", "_held", "_base_flat", "_keys"):
             state.pop(name, None)
         return state
 

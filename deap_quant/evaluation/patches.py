@@ -215,7 +215,7 @@ class ChannelPatch:
         and the output ``channels`` whose weights changed since."""
         inputs = state if self.source is None else state[self.source]
         old = previous if self.layout is None else previous[self.layout.index(None)]
-        index = torch.as_tensor(list(channels), dtype=torch.int64)
+        index = torch.as_tensor(list(channels), dtype=torch.int64, device=self.module.weight.device)
         bias = self.module.bias
         value = self.module._conv_forward(inputs, self.module.weight.index_select(0, index),
                                           None if bias is None else bias.index_select(0, index))

@@ -79,7 +79,7 @@ def changed_rows(new: Any, old: Any, rows: int) -> Optional[torch.Tensor]:
     new_leaves, old_leaves = _leaves(new), _leaves(old)
     if len(new_leaves) != len(old_leaves):
         return None
-    mask = torch.zeros(rows, dtype=torch.bool)
+    mask = torch.zeros(rows, dtype=torch.bool, device=new_leaves[0].device if new_leaves else None)
     for a, b in zip(new_leaves, old_leaves):
         if a.shape != b.shape or a.dtype != b.dtype:
             return None

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..quantization.model import QuantizedModel
-from .evaluator import DataSpec, Evaluator
+from .evaluator import DataSpec, Evaluator, model_placement, place
 from .incremental import IncrementalEvaluator
 from .metrics import Metric, MetricSpec
 
@@ -147,12 +147,17 @@ def split_calibration(data: Union[DataSpec, torch.Tensor], holdout: float, seed:
 
 
 def teacher_outputs(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The float model's outputs on ``inputs`` (eval mode, no gradients), computed once."""
+    """The float model's outputs on ``inputs`` (eval mode, no gradients), computed once.
+
+    Inputs are moved to the model's device and floating dtype; the outputs stay where the model
+    made them (an evaluator moves its targets to the quantized model's device).
+    """
+    device, dtype = model_placement(model)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            chunks = [model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
+            chunks = [model(place(inputs[i:i + batch_size], device, dtype)) for i in range(0, len(inputs), batch_size)]
     finally:
         model.train(was_training)
     outputs = torch.cat(chunks).detach().clone()

@@ -1,7 +1,10 @@
 """Mutations in DEAP's style: change the individual in place, return ``(individual,)``.
 
-They never clone and never touch the fitness; DEAP's ``varOr``/``varAnd`` do both. After each
-mutation the individual is normalised (one gene per weight, no zero offsets, sorted).
+They never clone and never touch the fitness; DEAP's ``varOr``/``varAnd`` do both. Genes may be
+any ``(layer, index, offset)`` sequences (e.g. plain tuples in an individual made with DEAP's
+``creator``). After each mutation the individual is normalised by its gene space (one
+:class:`~deap_quant.genome.Gene` per weight, sorted, each offset one the weight can take), so
+every gene changes its weight when the space knows the base states.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ import random
 from collections.abc import Mapping
 from typing import Optional
 
-from ..genome import Gene, GeneSpace, Individual, normalize
+from ..genome import Gene, GeneSpace, Individual, as_gene, normalize
 
 __all__ = ["mut_add_gene", "mut_remove_gene", "mut_shift_offset", "mut_move_gene", "mut_mixed",
            "DEFAULT_MUTATION_PROBS"]
 
 
 def _renormalize(individual: Individual, space: Optional[GeneSpace]) -> None:
-    individual[:] = normalize(individual, space.max_offset if space is not None else None)
+    individual[:] = space.normalize(individual) if space is not None else normalize(individual)
 
 
 def mut_add_gene(individual: Individual, space: GeneSpace, n: int = 1) -> tuple[Individual]:
@@ -35,11 +38,15 @@ def mut_remove_gene(individual: Individual, n: int = 1) -> tuple[Individual]:
 
 
 def mut_shift_offset(individual: Individual, space: GeneSpace) -> tuple[Individual]:
-    """Move one random gene's offset one level up or down (a gene shifted to zero disappears)."""
+    """Move one random gene's offset one level up or down, staying within what its weight can take
+    (:meth:`GeneSpace.offset_range`); a gene shifted to zero disappears."""
     if individual:
         position = random.randrange(len(individual))
-        gene = individual[position]
-        individual[position] = gene._replace(offset=gene.offset + random.choice((-1, 1)))
+        layer, index, offset = as_gene(individual[position])
+        low, high = space.offset_range(layer, index)
+        offset = max(low, min(high, offset))  # the same effect, on the grid
+        steps = [step for step in (-1, 1) if low <= offset + step <= high]
+        individual[position] = Gene(layer, index, offset + random.choice(steps))
         _renormalize(individual, space)
     return individual,
 
@@ -48,10 +55,12 @@ def mut_move_gene(individual: Individual, space: GeneSpace) -> tuple[Individual]
     """Move one random gene to another weight of the same layer, drawn from ``space``."""
     if individual:
         position = random.randrange(len(individual))
-        gene = individual[position]
-        index = space.sample_index(gene.layer)
-        offset = gene.offset if space.sampler == "uniform" else space.sample_offset(gene.layer, index)
-        individual[position] = Gene(gene.layer, index, offset)
+        layer, _, offset = as_gene(individual[position])
+        index = space.sample_index(layer)
+        low, high = space.offset_range(layer, index)
+        if space.sampler != "uniform" or not low <= offset <= high or offset == 0:
+            offset = space.sample_offset(layer, index)  # "uniform" keeps the offset where the weight can take it
+        individual[position] = Gene(layer, index, offset)
         _renormalize(individual, space)
     return individual,
 

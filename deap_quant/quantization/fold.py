@@ -89,10 +89,11 @@ def _fold_pair(layer: nn.Module, norm: nn.Module) -> None:
     channels = weight.shape[0]
     if norm.running_mean.numel() != channels:
         raise ValueError(f"BatchNorm has {norm.running_mean.numel()} channels, the layer {channels} outputs")
-    gamma = norm.weight if norm.weight is not None else torch.ones(channels)
-    beta = norm.bias if norm.bias is not None else torch.zeros(channels)
+    gamma = norm.weight if norm.weight is not None else torch.ones(channels, device=weight.device)
+    beta = norm.bias if norm.bias is not None else torch.zeros(channels, device=weight.device)
     scale = gamma.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-    bias = layer.bias.double() if layer.bias is not None else torch.zeros(channels, dtype=torch.float64)
+    bias = (layer.bias.double() if layer.bias is not None
+            else torch.zeros(channels, dtype=torch.float64, device=weight.device))
     shape = (-1,) + (1,) * (weight.ndim - 1)
     with torch.no_grad():
         layer.weight.copy_((weight.double() * scale.reshape(shape)).to(weight.dtype))

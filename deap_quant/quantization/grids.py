@@ -19,10 +19,17 @@ from typing import Union
 
 import torch
 
-__all__ = ["UniformGrid", "CodebookGrid", "Grid", "fit_uniform_grid", "fit_codebook_grid"]
+__all__ = ["UniformGrid", "CodebookGrid", "Grid", "fit_uniform_grid", "fit_codebook_grid", "GRID_RANGES",
+           "MSE_CLIP_RATIOS"]
 
-#: Clipping ratios tried by ``scale_method="mse"`` (fraction of the max-abs range).
-MSE_CLIP_RATIOS = torch.linspace(0.2, 1.0, 81)
+#: Symmetric grid ranges (see :func:`fit_uniform_grid`).
+GRID_RANGES = ("full", "narrow", "auto")
+
+#: Clipping ratios tried by ``scale_method="mse"``: 0.05 to 1.25 in steps of 0.01. For a symmetric grid
+#: the ratio places the largest symmetric level ``(2**(bits-1) - 1) * scale`` at ``ratio * max|w|`` (1.0:
+#: the channel's largest weight lies on it; above 1: beyond it). For an affine grid it shrinks or widens
+#: ``[min, max]``.
+MSE_CLIP_RATIOS = torch.arange(5, 126, dtype=torch.float64).div(100).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -176,33 +183,89 @@ def _uniform_params(low: torch.Tensor, high: torch.Tensor, n_levels: int,
     return scale.to(torch.float32), zero.to(torch.float32)
 
 
+def _symmetric_zero_points(grid_range: str, bits: int, low: torch.Tensor) -> list[torch.Tensor]:
+    """The zero points a symmetric grid of ``grid_range`` may use per channel (``auto``: both mirror images)."""
+    half = 2 ** (bits - 1)
+    if grid_range == "narrow":
+        return [torch.full_like(low, float(half - 1))]
+    if grid_range == "full":
+        return [torch.full_like(low, float(half))]
+    # auto: the extra level below zero (zero point half) or above it (half - 1)
+    return [torch.full_like(low, float(half)), torch.full_like(low, float(half - 1))]
+
+
+def _rounding_error(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n_levels: int) -> torch.Tensor:
+    """Per channel, the summed squared error of nearest rounding on the grid ``(scale, zero)``."""
+    states = torch.round(rows / scale[:, None] + zero[:, None]).clamp_(0, n_levels - 1)
+    return ((states - zero[:, None]) * scale[:, None] - rows).pow_(2).sum(dim=1)
+
+
 def fit_uniform_grid(weight: torch.Tensor, bits: int, *, per_channel: bool, symmetric: bool,
-                     scale_method: str, channel_axis: int = 0) -> UniformGrid:
+                     scale_method: str, channel_axis: int = 0, grid_range: str = "full") -> UniformGrid:
     """Fit an affine grid to ``weight``.
 
-    ``scale_method="minmax"`` spans the full weight range; ``"mse"`` searches, per channel, the
-    clipping ratio of that range which minimises the squared error of nearest rounding.
+    ``scale_method="minmax"`` spans the weight range; ``"mse"`` searches, per channel, the step
+    (over :data:`MSE_CLIP_RATIOS`) that minimises the squared error of nearest rounding -- the
+    weight error only, never an accuracy.
+
+    Symmetric grids come in three ranges (``grid_range``); with ``L = 2**(bits-1) - 1``:
+
+    * ``"full"``: levels ``-(L+1) .. L`` times the step (``2**bits`` levels, PyTorch's ``qint8``
+      convention: the extra level is below zero). Its min-max step is PyTorch's observer
+      convention ``max|w| / (L + 0.5)``, which clips the positive side (at 2 bits to ``2/3 max|w|``).
+    * ``"narrow"``: levels ``-L .. L`` (``2**bits - 1`` levels), min-max step ``max|w| / L``.
+    * ``"auto"``: the full range with the extra level placed per channel below or above zero
+      (zero point ``L + 1`` or ``L``): with ``"mse"`` where it lowers the error, with ``"minmax"``
+      on the side of the channel's largest ``|w|``, at step ``max|w| / (L + 1)``.
+
+    A narrow grid's levels are a subset of the full grid's at the same step, so by weight error
+    ``auto <= full <= narrow`` per channel (all three search the same steps). ``grid_range``
+    applies to symmetric grids only; an affine grid (``symmetric=False``) spans ``[min, max]``.
     """
-    n_levels = 2 ** bits
+    if grid_range not in GRID_RANGES:
+        raise ValueError(f"grid_range={grid_range!r} is not valid; use one of {', '.join(GRID_RANGES)}")
+    if not symmetric and grid_range != "full":
+        raise ValueError(f"grid_range={grid_range!r} needs symmetric=True; an affine grid uses the full range")
+    if scale_method not in ("minmax", "mse"):
+        raise ValueError(f"scale_method={scale_method!r} is not valid; use 'minmax' or 'mse'")
+    n_levels = 2 ** bits - 1 if grid_range == "narrow" else 2 ** bits
     layout = _layout(weight, channel_axis, per_channel)
     rows = _per_channel_rows(weight.detach().to(torch.float32), layout)
     low, high = rows.min(dim=1).values, rows.max(dim=1).values
-    scale, zero = _uniform_params(low, high, n_levels, symmetric)
-    if scale_method == "mse":
-        best_error = torch.full_like(scale, float("inf"))
-        best_scale, best_zero = scale.clone(), zero.clone()
-        for ratio in MSE_CLIP_RATIOS.tolist():
-            s, z = _uniform_params(low * ratio, high * ratio, n_levels, symmetric)
-            states = torch.round(rows / s[:, None] + z[:, None]).clamp_(0, n_levels - 1)
-            error = ((states - z[:, None]) * s[:, None] - rows).pow_(2).sum(dim=1)
+    tiny = torch.finfo(torch.float32).eps
+    if not symmetric:
+        scale, zero = _uniform_params(low, high, n_levels, symmetric)
+        if scale_method == "mse":
+            best_error = _rounding_error(rows, scale, zero, n_levels)
+            for ratio in MSE_CLIP_RATIOS.tolist():
+                s, z = _uniform_params(low * ratio, high * ratio, n_levels, symmetric)
+                error = _rounding_error(rows, s, z, n_levels)
+                better = error < best_error
+                best_error = torch.where(better, error, best_error)
+                scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+        return UniformGrid(scale=scale, zero_point=zero, n_levels=n_levels, layout=layout)
+    bound = torch.maximum(low.abs(), high.abs())
+    top = 2 ** (bits - 1) - 1  # the largest symmetric level
+    zeros = _symmetric_zero_points(grid_range, bits, low)
+    if grid_range == "full":
+        scale, zero = _uniform_params(low, high, n_levels, symmetric)
+    elif grid_range == "narrow":
+        scale, zero = (bound / top).clamp_min(tiny), zeros[0]
+    else:  # the largest |w| on the outermost level of its own side
+        scale = (bound / (top + 1)).clamp_min(tiny)
+        zero = torch.where(-low > high, zeros[0], zeros[1])
+    if scale_method == "mse":  # min-max steps are candidates too: MSE is never worse than them
+        starts = [(scale, zero)] + ([_uniform_params(low, high, n_levels, True)] if grid_range == "auto" else [])
+        steps = [(s, z) for s in ((bound * ratio / top).clamp_min(tiny) for ratio in MSE_CLIP_RATIOS.tolist())
+                 for z in zeros]
+        best_error = torch.full_like(bound, float("inf"))
+        for s, z in starts + steps:
+            error = _rounding_error(rows, s, z, n_levels)
             better = error < best_error
             best_error = torch.where(better, error, best_error)
-            best_scale = torch.where(better, s, best_scale)
-            best_zero = torch.where(better, z, best_zero)
-        scale, zero = best_scale, best_zero
-    elif scale_method != "minmax":
-        raise ValueError(f"scale_method={scale_method!r} is not valid; use 'minmax' or 'mse'")
-    return UniformGrid(scale=scale, zero_point=zero, n_levels=n_levels, layout=layout)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return UniformGrid(scale=scale.to(torch.float32), zero_point=zero.to(torch.float32), n_levels=n_levels,
+                       layout=layout)
 
 
 def fit_codebook_grid(weight: torch.Tensor, bits: int, *, per_channel: bool, channel_axis: int = 0,

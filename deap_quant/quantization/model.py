@@ -5,6 +5,13 @@ A gene ``(layer, index, offset)`` moves weight ``index`` (flat, row-major) of qu
 applied in place on the module's weights and reverted afterwards; reverting writes back the
 exact values that were overwritten, so the base weights are restored bit-for-bit.
 
+Every write goes to the weight the module holds *at that moment*, looked up by name: after
+``module.double()``, ``.half()``, ``.to(device)`` or ``.to(memory_format=torch.channels_last)``
+genes still reach the tensors the module computes with (by logical, row-major index, whatever
+the memory layout). Grid values are computed in float32 on the weight's device (the grid is
+kept on the CPU, copied to other devices once) and rounded to the weight's dtype, exactly as
+:func:`~deap_quant.quantize` wrote the base weights. Base states and residuals stay on the CPU.
+
 This module imports torch and numpy only; it knows nothing of DEAP.
 """
 
@@ -12,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +28,14 @@ from torch import nn
 
 from .grids import Grid
 
-__all__ = ["LayerInfo", "QuantizedModel", "AppliedGenes", "GeneError", "as_gene_array"]
+__all__ = ["LayerInfo", "QuantizedModel", "AppliedGenes", "GeneError", "as_gene_array", "SUPPORTED_DTYPES",
+           "SUPPORTED_DEVICES"]
+
+#: Floating dtypes a quantized layer's weights may have (grids are float32 whatever the weights' dtype).
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+#: Device types a quantized layer's weights may live on.
+SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
 class GeneError(ValueError):
@@ -49,6 +63,7 @@ class AppliedGenes:
 
     saved: list[tuple[int, torch.Tensor, torch.Tensor]]  # (layer, flat index, old values)
     reverted: bool = False
+    serial: int = -1  # which write this was (see QuantizedModel.revision)
 
 
 def as_gene_array(genes: Iterable[Sequence[int]], n_layers: int | None = None,
@@ -92,6 +107,11 @@ class QuantizedModel:
     Built by :func:`deap_quant.quantize`. Holds the module (eval mode, no gradients), one grid,
     the integer base state and the rounding residual of every quantized weight, and a table of
     the quantized layers. Call it like the module.
+
+    The module may be converted after quantizing (``double()``, ``half()``, ``bfloat16()``,
+    ``to(device)``, ``to(memory_format=...)``): genes are written into whatever ``weight`` each
+    quantized layer holds when they are applied. :attr:`revision` identifies what was written
+    through this object (see there).
     """
 
     def __init__(self, module: nn.Module, names: list[str], grids: list[Grid], states: list[torch.Tensor],
@@ -99,17 +119,85 @@ class QuantizedModel:
         self.module = module
         self.grids = grids
         self.config = dict(config)
-        self._states = states
-        self._residuals = residuals
+        self._states = [state.to("cpu") for state in states]  # the canonical copies stay on the CPU
+        self._residuals = [residual.to("cpu", torch.float32) for residual in residuals]
         modules = dict(module.named_modules())
-        self._weights = [modules[name].weight for name in names]
+        weights = [modules[name].weight for name in names]
         self.layers = [
             LayerInfo(name=name, kind=getattr(modules[name], "original_name", type(modules[name]).__name__),
                       shape=tuple(weight.shape),
                       numel=weight.numel(), n_levels=grid.n_levels)
-            for name, weight, grid in zip(names, self._weights, grids)
+            for name, weight, grid in zip(names, weights, grids)
         ]
-        self._flat = [weight.data.view(-1) for weight in self._weights]
+        self._revision = 0  # bumped whenever the base weights change (rebase_, mark_modified, ...)
+        self._serial = 0  # numbers the writes of apply_ / set_states_
+        self._open: list[int] = []  # serials of the writes not yet reverted, oldest first
+        self._init_lookup()
+
+    def _init_lookup(self) -> None:
+        """Per-layer module paths and the per-device grid copies (rebuilt after unpickling)."""
+        self._paths = [tuple(layer.name.split(".")) if layer.name else () for layer in self.layers]
+        self._device_grids: dict[tuple[int, torch.device], tuple[Grid, Grid]] = {}
+
+    # ------------------------------------------------------------------ live weights
+    def _module_of(self, layer: int) -> nn.Module:
+        module = self.module
+        try:
+            for part in self._paths[layer]:
+                module = module._modules[part]
+        except (KeyError, TypeError, AttributeError):
+            raise RuntimeError(f"quantized layer {layer} ({self.layers[layer].name!r}) is no longer in the module; "
+                               "do not replace quantized submodules after quantizing") from None
+        return module
+
+    def _live(self, layer: int) -> torch.Tensor:
+        """The tensor ``layer``'s module computes with now (its ``weight.data``), checked.
+
+        Raises ``RuntimeError`` naming the layer if the weight was replaced by one of another
+        shape, an unsupported dtype or an unsupported device.
+        """
+        weight = getattr(self._module_of(layer), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise RuntimeError(f"quantized layer {layer} ({self.layers[layer].name!r}) has no weight tensor any more")
+        data = weight.data
+        if data.dtype not in SUPPORTED_DTYPES or data.device.type not in SUPPORTED_DEVICES \
+                or data.shape != self.layers[layer].shape:
+            info = self.layers[layer]
+            raise RuntimeError(f"quantized layer {layer} ({info.name!r}) now holds a {data.dtype} weight of shape "
+                               f"{tuple(data.shape)} on {data.device}; genes need its quantized shape "
+                               f"{info.shape}, a dtype among {_names(SUPPORTED_DTYPES)} and a device among "
+                               f"{', '.join(SUPPORTED_DEVICES)}")
+        return data
+
+    def _grid_on(self, layer: int, device: torch.device) -> Grid:
+        """``layer``'s grid with its tensors on ``device`` (copied once per device and grid)."""
+        grid = self.grids[layer]
+        key = (layer, device)
+        cached = self._device_grids.get(key)
+        if cached is None or cached[0] is not grid:
+            cached = (grid, _grid_to(grid, device))
+            self._device_grids[key] = cached
+        return cached[1]
+
+    @property
+    def revision(self) -> tuple[int, tuple[int, ...]]:
+        """What this object has written into the module, as a comparable value.
+
+        ``(base revision, writes in force)``: the first number changes whenever the base weights
+        are rewritten (:meth:`rebase_`, :meth:`mark_modified`, a revert out of order); the tuple
+        numbers the writes of :meth:`apply_` / :meth:`set_states_` not reverted yet. A write
+        reverted in order restores the previous value, as it restores the weights bit for bit.
+        """
+        return self._revision, tuple(self._open)
+
+    def mark_modified(self) -> None:
+        """Record that the module's weights were changed by other means than this object.
+
+        In-place edits of a parameter or buffer (``weight[0] += 1`` under ``no_grad``, ``fill_``,
+        assigning a new tensor) are visible to evaluators through the tensors' version counters
+        and storages; edits through ``tensor.data`` are not: call this after them.
+        """
+        self._revision += 1
 
     # ------------------------------------------------------------------ description
     def layer_table(self) -> list[LayerInfo]:
@@ -130,7 +218,7 @@ class QuantizedModel:
         A positive residual means the float weight lies above its base level: ``+1`` is the move
         rounding did not take. Returned as flat NumPy arrays (views, do not modify).
         """
-        return [residual.view(-1).numpy() for residual in self._residuals]
+        return [residual.detach().reshape(-1).to("cpu", torch.float32).numpy() for residual in self._residuals]
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -166,14 +254,39 @@ class QuantizedModel:
         return self._write(list(self._grouped(genes)))  # validate everything before touching any weight
 
     def _write(self, grouped: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> AppliedGenes:
-        """Write validated ``(layer, flat indices, states)`` into the weights, saving what they held."""
-        saved = []
+        """Write validated ``(layer, flat indices, states)`` into the weights, saving what they held.
+
+        Indices are logical (row-major) positions: ``take`` / ``put_`` honour any memory layout.
+        If a layer cannot be written, what was written already is restored before raising.
+        """
+        self._serial += 1
+        applied = AppliedGenes([], serial=self._serial)
+        saved = applied.saved
+        try:
+            with torch.no_grad():
+                for layer, index, states in grouped:
+                    data = self._live(layer)
+                    device = data.device
+                    if device.type != "cpu":
+                        index, states = index.to(device), states.to(device)
+                    values = self._grid_on(layer, device).dequantize_at(states, index)
+                    if values.dtype != data.dtype:
+                        values = values.to(data.dtype)
+                    saved.append((layer, index, data.take(index)))
+                    data.put_(index, values)
+        except BaseException:
+            self._restore(saved)
+            raise
+        self._open.append(applied.serial)
+        return applied
+
+    def _restore(self, saved: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
         with torch.no_grad():
-            for layer, index, states in grouped:
-                flat = self._flat[layer]
-                saved.append((layer, index, flat[index].clone()))
-                flat[index] = self.grids[layer].dequantize_at(states, index)
-        return AppliedGenes(saved)
+            for layer, index, old in reversed(saved):
+                data = self._live(layer)
+                if old.device != data.device or old.dtype != data.dtype:  # the module was converted meanwhile
+                    index, old = index.to(data.device), old.to(data.device, data.dtype)
+                data.put_(index, old)
 
     @contextlib.contextmanager
     def _in_force(self, write: Callable[[], AppliedGenes]) -> Iterator[QuantizedModel]:
@@ -209,10 +322,12 @@ class QuantizedModel:
         """Restore exactly the values that :meth:`apply_` overwrote."""
         if applied.reverted:
             return
-        with torch.no_grad():
-            for layer, index, old in reversed(applied.saved):
-                self._flat[layer][index] = old
+        self._restore(applied.saved)
         applied.reverted = True
+        if applied.serial in self._open:
+            if self._open[-1] != applied.serial:  # out of order: the weights may not be the base any more
+                self._revision += 1
+            self._open.remove(applied.serial)
 
     def applied(self, genes: Iterable[Sequence[int]]) -> contextlib.AbstractContextManager:
         """``with qmodel.applied(genes): ...`` -- genes in force inside, reverted on exit (also on error)."""
@@ -232,33 +347,49 @@ class QuantizedModel:
         """
         if len(states) != len(self.layers):
             raise ValueError(f"rebase_ got {len(states)} state tensors; the model has {len(self.layers)} layers")
+        checked = []
+        for layer, new in enumerate(states):  # every layer is checked before any is written
+            info = self.layers[layer]
+            new = torch.as_tensor(new).reshape(info.shape).to("cpu")
+            if new.numel() and (int(new.min()) < 0 or int(new.max()) >= info.n_levels):
+                raise ValueError(f"states for layer {layer} ({info.name}) must lie in 0..{info.n_levels - 1}")
+            checked.append(new.to(torch.uint8))
+        self._revision += 1
         with torch.no_grad():
-            for layer, new in enumerate(states):
-                info = self.layers[layer]
-                new = torch.as_tensor(new).reshape(info.shape)
-                if new.numel() and (int(new.min()) < 0 or int(new.max()) >= info.n_levels):
-                    raise ValueError(f"states for layer {layer} ({info.name}) must lie in 0..{info.n_levels - 1}")
-                new = new.to(torch.uint8)
+            for layer, new in enumerate(checked):
                 old = self._states[layer]
                 self._residuals[layer] += old.to(torch.float32) - new.to(torch.float32)
                 old.copy_(new)
-                self._weights[layer].data.copy_(self.grids[layer].dequantize(new))
+                data = self._live(layer)
+                data.copy_(self.grids[layer].dequantize(new).to(data.dtype))
 
     def dequantized_weights(self, layer: int) -> torch.Tensor:
-        """The weights the module currently holds for ``layer`` (a copy)."""
-        return self._weights[layer].detach().clone()
+        """The weights the module currently holds for ``layer`` (a copy, on the module's device and dtype)."""
+        return self._live(layer).clone()
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_weights"], state["_flat"]
-        state["_names"] = [layer.name for layer in self.layers]
+        for name in ("_paths", "_device_grids"):
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        names = state.pop("_names")
+        state.pop("_names", None)  # (older pickles)
+        state.setdefault("_revision", 0)
+        state.setdefault("_serial", 0)
+        state.setdefault("_open", [])
         self.__dict__.update(state)
-        modules = dict(self.module.named_modules())
-        self._weights = [modules[name].weight for name in names]
-        self._flat = [weight.data.view(-1) for weight in self._weights]
+        self._init_lookup()
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(dtype).replace("torch.", "") for dtype in dtypes)
+
+
+def _grid_to(grid: Grid, device: torch.device) -> Grid:
+    """A copy of ``grid`` whose tensors are on ``device`` (``grid`` itself if they already are)."""
+    moved = {field.name: getattr(grid, field.name).to(device) for field in fields(grid)
+             if isinstance(getattr(grid, field.name), torch.Tensor) and getattr(grid, field.name).device != device}
+    return replace(grid, **moved) if moved else grid
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from .fold import fold_bn as fold_batchnorm
-from .grids import fit_codebook_grid, fit_uniform_grid
-from .model import QuantizedModel
+from .grids import GRID_RANGES, fit_codebook_grid, fit_uniform_grid
+from .model import SUPPORTED_DEVICES, SUPPORTED_DTYPES, QuantizedModel
 
 __all__ = ["QuantConfig", "quantize", "QUANTIZABLE_TYPES", "LayerFilter"]
 
@@ -35,7 +35,16 @@ SCALE_METHODS = ("minmax", "mse")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Settings of :func:`quantize`; checked on construction."""
+    """Settings of :func:`quantize`; checked on construction.
+
+    ``range`` picks a symmetric grid's levels (see :func:`~deap_quant.quantization.grids.fit_uniform_grid`):
+    ``"full"`` (``-2**(bits-1) .. 2**(bits-1) - 1`` steps), ``"narrow"`` (``-(2**(bits-1) - 1) ..
+    2**(bits-1) - 1``, one level fewer) or ``"auto"`` (the full range with its extra level below or
+    above zero per channel, whichever gives the lower weight error). ``None`` (the default) means
+    ``"auto"`` for symmetric uniform MSE grids, the grid of least weight error, and ``"full"``
+    otherwise (min-max keeps PyTorch's observer convention; affine and k-means grids have no range
+    to choose). The resolved value is what the config holds.
+    """
 
     bits: int = 4
     per_channel: bool = True
@@ -44,6 +53,7 @@ class QuantConfig:
     scheme: str = "uniform"
     #: Fold BatchNorm into the preceding conv before quantizing (see :func:`quantize`).
     fold_bn: bool = False
+    range: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -56,6 +66,15 @@ class QuantConfig:
         for name in ("per_channel", "symmetric", "fold_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use True or False")
+        if self.range is None:
+            chosen = "auto" if self.symmetric and self.scheme == "uniform" and self.scale_method == "mse" else "full"
+            object.__setattr__(self, "range", chosen)
+        if self.range not in GRID_RANGES:
+            raise ValueError(f"range={self.range!r} is not valid; use one of {', '.join(GRID_RANGES)}")
+        if self.range != "full" and self.scheme != "uniform":
+            raise ValueError(f"range={self.range!r} needs scheme='uniform'; a k-means codebook has no range")
+        if self.range != "full" and not self.symmetric:
+            raise ValueError(f"range={self.range!r} needs symmetric=True; an affine grid spans [min, max]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,16 +110,29 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if _layer_type(module) is not None and getattr(module, "weight", None) is not None]
 
 
+def _check_weight(name: str, weight: torch.Tensor) -> None:
+    """One line saying why a layer's weight cannot be quantized (unsupported dtype or device), if it cannot."""
+    if weight.device.type not in SUPPORTED_DEVICES:
+        raise ValueError(f"layer {name!r} has its weight on device {weight.device.type!r}; deap_quant supports "
+                         f"{' and '.join(repr(d) for d in SUPPORTED_DEVICES)}")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"layer {name!r} has {weight.dtype} weights; deap_quant quantizes "
+                         f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} weights")
+
+
 def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetric: bool = True,
              scale_method: str = "minmax", layers: LayerFilter = None, scheme: str = "uniform",
-             fold_bn: bool = False, config: Optional[QuantConfig] = None) -> QuantizedModel:
+             fold_bn: bool = False, config: Optional[QuantConfig] = None,
+             range: Optional[str] = None) -> QuantizedModel:
     """Quantize the weights of ``model``'s Conv and Linear layers with nearest rounding.
 
     The model is copied, never modified. ``layers`` selects layers by qualified-name glob
     pattern(s) (``"features.*"``) or by a callable ``(module, name) -> bool``. ``scheme="uniform"``
     fits an affine grid (``scale_method="minmax"`` or the MSE-optimal clipping ``"mse"``);
     ``scheme="kmeans"`` fits a codebook of ``2**bits`` levels by 1-D k-means. Biases and
-    activations stay in floating point.
+    activations stay in floating point. ``range`` chooses a symmetric grid's levels
+    (``"full"``, ``"narrow"``, ``"auto"``; see :class:`QuantConfig`: by default ``"auto"`` for MSE
+    grids, ``"full"`` for min-max ones).
 
     ``fold_bn=True`` first folds every BatchNorm that directly follows a conv into that conv
     (:func:`~deap_quant.quantization.fold.fold_bn`; the BatchNorm becomes ``Identity``) and
@@ -113,7 +145,7 @@ def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetri
     """
     if config is None:
         config = QuantConfig(bits=bits, per_channel=per_channel, symmetric=symmetric,
-                             scale_method=scale_method, scheme=scheme, fold_bn=fold_bn)
+                             scale_method=scale_method, scheme=scheme, fold_bn=fold_bn, range=range)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if config.fold_bn:
@@ -129,6 +161,9 @@ def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetri
         more = f" (and {len(candidates) - 12} more)" if len(candidates) > 12 else ""
         raise ValueError(f"layers={layers!r} matches no quantizable layer; available: {available}{more}")
 
+    layer_modules = dict(candidates)
+    for name in chosen:
+        _check_weight(name, layer_modules[name].weight)
     frozen = copy.deepcopy(model).eval()
     for parameter in frozen.parameters():
         if parameter.is_leaf:  # (a deep-copied TorchScript module's parameters may not be leaves)
@@ -138,20 +173,19 @@ def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetri
     with torch.no_grad():
         for name in chosen:
             module = modules[name]
-            weight = module.weight.data
+            live = module.weight.data
+            weight = live.to("cpu", torch.float32)  # grids, states and residuals are fitted and kept on the CPU
             if not torch.isfinite(weight).all():
                 raise ValueError(f"layer {name!r} has NaN or infinite weights; fix the model before quantizing")
-            if not weight.is_contiguous():
-                module.weight.data = weight = weight.contiguous()
             axis = QUANTIZABLE_TYPES[_layer_type(module)]
             if config.scheme == "kmeans":
                 grid = fit_codebook_grid(weight, config.bits, per_channel=config.per_channel, channel_axis=axis)
             else:
                 grid = fit_uniform_grid(weight, config.bits, per_channel=config.per_channel,
                                         symmetric=config.symmetric, scale_method=config.scale_method,
-                                        channel_axis=axis)
+                                        channel_axis=axis, grid_range=config.range)
             state, residual = grid.quantize(weight.to(torch.float32))
-            weight.copy_(grid.dequantize(state).to(weight.dtype))
+            live.copy_(grid.dequantize(state).to(live.dtype))  # in the model's dtype, on its device
             grids.append(grid)
             states.append(state)
             residuals.append(residual)
