@@ -13,7 +13,7 @@ import bisect
 import copy
 import random
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 from deap import base
@@ -88,14 +88,24 @@ class MultiIndividual(Individual):
 
 def normalize(genes: Iterable[Sequence[int]], max_offset: Optional[int] = None) -> list[Gene]:
     """Merge genes on the same weight (offsets add up), clip offsets, drop zeros, sort by weight."""
+    if max_offset is None:
+        return _merged(genes, lambda layer, index: None)
+    return _merged(genes, lambda layer, index: (-max_offset, max_offset))
+
+
+def _merged(genes: Iterable[Sequence[int]],
+            bounds: Callable[[int, int], Optional[tuple[int, int]]]) -> list[Gene]:
+    """Genes summed per weight, each offset clipped to ``bounds(layer, index)`` (``None``: unclipped),
+    zeros dropped, sorted by weight."""
     merged: dict[tuple[int, int], int] = {}
     for layer, index, offset in genes:
         key = (int(layer), int(index))
         merged[key] = merged.get(key, 0) + int(offset)
     out = []
     for (layer, index), offset in sorted(merged.items()):
-        if max_offset is not None:
-            offset = max(-max_offset, min(max_offset, offset))
+        limits = bounds(layer, index)
+        if limits is not None:
+            offset = max(limits[0], min(limits[1], offset))
         if offset:
             out.append(Gene(layer, index, offset))
     return out
@@ -303,17 +313,7 @@ class GeneSpace:
     def normalize(self, genes: Iterable[Sequence[int]]) -> list[Gene]:
         """Like :func:`normalize`, with each weight's offset clipped to :meth:`offset_range`: merge
         genes on the same weight, clip, drop zeros, sort. Every gene left then changes its weight."""
-        merged: dict[tuple[int, int], int] = {}
-        for layer, index, offset in genes:
-            key = (int(layer), int(index))
-            merged[key] = merged.get(key, 0) + int(offset)
-        out = []
-        for (layer, index), offset in sorted(merged.items()):
-            low, high = self.offset_range(layer, index)
-            offset = max(low, min(high, offset))
-            if offset:
-                out.append(Gene(layer, index, offset))
-        return out
+        return _merged(genes, self.offset_range)
 
     def sample(self, k: int) -> list[Gene]:
         """``k`` random genes, normalised (so possibly fewer if two land on the same weight)."""
