@@ -160,7 +160,7 @@ def compare_fitness(fast: IncrementalEvaluator, plain: RecordingEvaluator) -> di
 
 
 def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_size: int, layer_choice: str,
-                sampler: str, log, bits: int = 4) -> dict[str, Any]:
+                sampler: str, log, bits: int = 4, cache_mb: Optional[int] = None) -> dict[str, Any]:
     model, val = SETUPS[name](quick)
     qmodel = quantize(model, bits=bits)
     n_val = len(val[1])
@@ -169,7 +169,8 @@ def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_
 
     options = {"mu": mu, "lambda_": lambda_, "ngen": ngen, "seed": 0, "progress": False, "layer_choice": layer_choice,
                "sampler": sampler}
-    fast = IncrementalEvaluator(qmodel, val, batch_size=batch_size)
+    fast = IncrementalEvaluator(qmodel, val, batch_size=batch_size,
+                                cache_bytes=None if cache_mb is None else cache_mb * 2 ** 20)
     with Clock() as clock:
         fast_result = evolve(qmodel, evaluator=fast, **options)
     fast_rate = fast_result.evaluations / fast_result.details["search_seconds"]
@@ -266,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help="the CIFAR-10 ResNet-20 checkpoint for cifar10_resnet20 (default: ../shared/data)")
     parser.add_argument("--data-root", default=REAL_DATA["data_root"],
                         help="CIFAR-10 folder for cifar10_resnet20 (default: ../shared/data/cifar10)")
+    parser.add_argument("--cache-mb", type=int, default=None,
+                        help="activation cache budget of the fast evaluator in MiB (default: a quarter of free memory)")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -296,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for name in models:
             results[name] = bench_model(name, args.quick, ngen, mu, lambda_, batch_size, args.layer_choice,
-                                        args.sampler, log)
+                                        args.sampler, log, cache_mb=args.cache_mb)
         results["identical"] = all(results[name]["identical"] for name in models)
         results["machine"] = {"cpus": os.cpu_count(), "threads": args.threads, "load_average_start": load,
                               "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
