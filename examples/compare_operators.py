@@ -28,9 +28,11 @@ def main(model: str = "digits-cnn", bits: int = 2, seeds: int = 3, out: str = "r
     result = compare(model, bits=bits, seeds=seeds, out=out, only=only, settings=settings, progress=progress)
     print(result.paths["report.md"].read_text())
     for row in result.paired:
-        verdict = "beats" if row["difference"] > 0 and row["p_wilcoxon_greater"] < 0.05 else "does not clearly beat"
+        # Holm-corrected across the configurations compared with the same reference
+        p_value = row["p_wilcoxon_greater_holm"]
+        verdict = "beats" if row["difference"] > 0 and p_value < 0.05 else "does not clearly beat"
         print(f"{row['config']} {verdict} {row['reference']} on test: {100 * row['difference']:+.2f} points, "
-              f"p = {row['p_wilcoxon_greater']:.3g} (paired Wilcoxon, one-sided, {row['n']} seeds)")
+              f"p = {p_value:.3g} (paired Wilcoxon, one-sided, Holm-corrected, {row['n']} seeds)")
     return result
 
 
