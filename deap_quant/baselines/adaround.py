@@ -369,7 +369,8 @@ def adaround(qmodel: QuantizedModel, calibration: Union[DataSpec, torch.Tensor],
     started = time.perf_counter()
     inputs = calibration_inputs(calibration, config.samples, config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    quantized_net = float_module(qmodel)  # a private copy; its weights become AdaRound's, layer by layer
+    # a private copy, with the model's input quantizers; its weights become AdaRound's, layer by layer
+    quantized_net = float_module(qmodel, input_quantizers=True)
     with torch.no_grad():
         quantized_modules = dict(quantized_net.named_modules())
         for layer, info in enumerate(qmodel.layers):  # start from the model's current rounding

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quantization.activations import remove_input_quantizers
 from ..quantization.grids import CodebookGrid
 from ..quantization.model import QuantizedModel
 
@@ -62,9 +63,15 @@ def float_weights(qmodel: QuantizedModel, layer: int) -> torch.Tensor:
     return (position - grid.zero_point.view(shape)) * grid.scale.view(shape)
 
 
-def float_module(qmodel: QuantizedModel) -> nn.Module:
-    """A copy of ``qmodel``'s module with the float weights put back (for AdaRound's targets)."""
+def float_module(qmodel: QuantizedModel, input_quantizers: bool = False) -> nn.Module:
+    """A copy of ``qmodel``'s module with the float weights put back (for AdaRound's targets).
+
+    Its activations are in floating point too, unless ``input_quantizers`` keeps the quantized
+    layers' input quantizers (``act_bits``) on it.
+    """
     module = copy.deepcopy(qmodel.module).eval()
+    if not input_quantizers:
+        remove_input_quantizers(module)
     modules = dict(module.named_modules())
     with torch.no_grad():
         for layer, info in enumerate(qmodel.layers):

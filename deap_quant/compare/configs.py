@@ -114,6 +114,8 @@ class CompareSettings:
     of which the share ``holdout`` is held out for ``select="holdout"`` and never searched on.
     ``teacher_augment``: shifted copies of each calibration image added to both parts (label-free,
     see :func:`deap_quant.data.augment.shifted_copies`; 0: none).
+    ``act_bits``/``act_observer``: activation quantization of every configuration (ranges fitted on
+    the training split, the calibration data; ``None``: float activations).
     """
 
     bits: int = 2
@@ -126,9 +128,12 @@ class CompareSettings:
     holdout: float = 0.3
     teacher_augment: int = 0
     batch_size: int = 512
+    act_bits: Optional[int] = None
+    act_observer: str = "minmax"
 
     def __post_init__(self) -> None:
-        QuantConfig(bits=self.bits, per_channel=self.per_channel, symmetric=self.symmetric)
+        QuantConfig(bits=self.bits, per_channel=self.per_channel, symmetric=self.symmetric, act_bits=self.act_bits,
+                    act_observer=self.act_observer)
         unknown = set(self.evolution) - _EVOLUTION_FIELDS
         if unknown:
             raise ValueError(f"unknown evolution option(s) {sorted(unknown)}; valid: {', '.join(sorted(_EVOLUTION_FIELDS))}")

@@ -120,7 +120,9 @@ class _Context:
         if scale_method not in self._qmodels:
             s = self.settings
             self._qmodels[scale_method] = quantize(self.model, bits=s.bits, per_channel=s.per_channel,
-                                                   symmetric=s.symmetric, scale_method=scale_method)
+                                                   symmetric=s.symmetric, scale_method=scale_method,
+                                                   act_bits=s.act_bits, act_observer=s.act_observer,
+                                                   act_calibration=self.splits.train if s.act_bits else None)
         return copy.deepcopy(self._qmodels[scale_method])
 
     def evaluator(self, qmodel: QuantizedModel, split: str, seed: int = 0) -> Evaluator:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantization.activations import quantize_input
+
 __all__ = ["ChannelPatch", "PATCHABLE", "patchable", "module_step", "node_step", "region_length", "sequential_patch",
            "same_values"]
 
@@ -213,7 +215,7 @@ class ChannelPatch:
     def __call__(self, state: Any, previous: Any, channels: Sequence[int]) -> Any:
         """The stage's output for input ``state``, given its ``previous`` output for the same input
         and the output ``channels`` whose weights changed since."""
-        inputs = state if self.source is None else state[self.source]
+        inputs = quantize_input(self.module, state if self.source is None else state[self.source])
         old = previous if self.layout is None else previous[self.layout.index(None)]
         index = torch.as_tensor(list(channels), dtype=torch.int64, device=self.module.weight.device)
         bias = self.module.bias

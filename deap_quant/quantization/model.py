@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from .activations import ActivationQuantizer
 from .grids import Grid
 
 __all__ = ["LayerInfo", "QuantizedModel", "AppliedGenes", "GeneError", "as_gene_array", "SUPPORTED_DTYPES",
@@ -115,7 +116,8 @@ class QuantizedModel:
     """
 
     def __init__(self, module: nn.Module, names: list[str], grids: list[Grid], states: list[torch.Tensor],
-                 residuals: list[torch.Tensor], config: dict[str, Any]):
+                 residuals: list[torch.Tensor], config: dict[str, Any],
+                 act_quantizers: Optional[Sequence[Optional[ActivationQuantizer]]] = None):
         self.module = module
         self.grids = grids
         self.config = dict(config)
@@ -129,6 +131,10 @@ class QuantizedModel:
                       numel=weight.numel(), n_levels=grid.n_levels)
             for name, weight, grid in zip(names, weights, grids)
         ]
+        #: The input quantizer of each quantized layer (``None``: float input); installed as forward
+        #: pre-hooks on the layers' modules by :func:`~deap_quant.quantize`.
+        self.act_quantizers: list[Optional[ActivationQuantizer]] = (list(act_quantizers) if act_quantizers is not None
+                                                                      else [None] * len(names))
         self._revision = 0  # bumped whenever the base weights change (rebase_, mark_modified, ...)
         self._serial = 0  # numbers the writes of apply_ / set_states_
         self._open: list[int] = []  # serials of the writes not yet reverted, oldest first
@@ -379,6 +385,7 @@ class QuantizedModel:
         state.setdefault("_revision", 0)
         state.setdefault("_serial", 0)
         state.setdefault("_open", [])
+        state.setdefault("act_quantizers", [None] * len(state.get("layers", [])))
         self.__dict__.update(state)
         self._init_lookup()
 

@@ -6,11 +6,12 @@ import copy
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from .activations import ACT_BITS, ACT_OBSERVERS, calibrate_activations, install_input_quantizers
 from .fold import fold_bn as fold_batchnorm
 from .grids import GRID_RANGES, fit_codebook_grid, fit_uniform_grid
 from .model import SUPPORTED_DEVICES, SUPPORTED_DTYPES, QuantizedModel
@@ -44,6 +45,10 @@ class QuantConfig:
     ``"auto"`` for symmetric uniform MSE grids, the grid of least weight error, and ``"full"``
     otherwise (min-max keeps PyTorch's observer convention; affine and k-means grids have no range
     to choose). The resolved value is what the config holds.
+
+    ``act_bits`` (``None``: activations stay in floating point) quantizes the input of every
+    quantized layer on a per-tensor affine grid whose range ``act_observer`` fits on calibration
+    data (see :mod:`~deap_quant.quantization.activations`).
     """
 
     bits: int = 4
@@ -54,6 +59,8 @@ class QuantConfig:
     #: Fold BatchNorm into the preceding conv before quantizing (see :func:`quantize`).
     fold_bn: bool = False
     range: Optional[str] = None
+    act_bits: Optional[int] = None
+    act_observer: str = "minmax"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -75,6 +82,11 @@ class QuantConfig:
             raise ValueError(f"range={self.range!r} needs scheme='uniform'; a k-means codebook has no range")
         if self.range != "full" and not self.symmetric:
             raise ValueError(f"range={self.range!r} needs symmetric=True; an affine grid spans [min, max]")
+        if self.act_bits is not None and (isinstance(self.act_bits, bool) or self.act_bits not in ACT_BITS):
+            raise ValueError(f"act_bits={self.act_bits!r} is not valid; use None (float activations) or an integer "
+                             f"from {ACT_BITS[0]} to {ACT_BITS[-1]}")
+        if self.act_observer not in ACT_OBSERVERS:
+            raise ValueError(f"act_observer={self.act_observer!r} is not valid; use one of {', '.join(ACT_OBSERVERS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,7 +135,8 @@ def _check_weight(name: str, weight: torch.Tensor) -> None:
 def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetric: bool = True,
              scale_method: str = "minmax", layers: LayerFilter = None, scheme: str = "uniform",
              fold_bn: bool = False, config: Optional[QuantConfig] = None,
-             range: Optional[str] = None) -> QuantizedModel:
+             range: Optional[str] = None, act_bits: Optional[int] = None, act_observer: str = "minmax",
+             act_calibration: Any = None) -> QuantizedModel:
     """Quantize the weights of ``model``'s Conv and Linear layers with nearest rounding.
 
     The model is copied, never modified. ``layers`` selects layers by qualified-name glob
@@ -142,10 +155,22 @@ def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetri
     BatchNorm factor (only weights on an exact rounding tie, such as a channel's extreme, may
     land one level apart; a negative factor mirrors the channel on the asymmetric integer range);
     with per-tensor grids they differ, and ``fold_bn=True`` is the realistic setting.
+
+    ``act_bits`` (2 to 8; ``None``, the default, keeps activations in floating point) also
+    quantizes the input of every quantized layer: per tensor, affine, unsigned where every
+    calibration input was non-negative. The ranges are fitted by ``act_observer`` (``"minmax"``,
+    ``"percentile"``, ``"mse"``) on ``act_calibration`` -- calibration inputs (a tensor, an
+    ``(inputs, targets)`` pair, a Dataset or a DataLoader; never the validation or test data),
+    all of them, with the quantized weights in place -- and then stay frozen
+    (:attr:`QuantizedModel.act_quantizers`).
     """
     if config is None:
         config = QuantConfig(bits=bits, per_channel=per_channel, symmetric=symmetric,
-                             scale_method=scale_method, scheme=scheme, fold_bn=fold_bn, range=range)
+                             scale_method=scale_method, scheme=scheme, fold_bn=fold_bn, range=range,
+                             act_bits=act_bits, act_observer=act_observer)
+    if config.act_bits is not None and act_calibration is None:
+        raise ValueError(f"act_bits={config.act_bits} needs act_calibration=DATA: calibration inputs to fit the "
+                         "activation ranges on (never the validation or test data)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if config.fold_bn:
@@ -189,4 +214,13 @@ def quantize(model: nn.Module, bits: int = 4, per_channel: bool = True, symmetri
             grids.append(grid)
             states.append(state)
             residuals.append(residual)
-    return QuantizedModel(frozen, chosen, grids, states, residuals, config.to_dict())
+    act_quantizers = None
+    if config.act_bits is not None:
+        if isinstance(frozen, torch.jit.ScriptModule):
+            raise ValueError(f"act_bits={config.act_bits} needs a Python module; a TorchScript model cannot take "
+                             "the input quantizers (quantize the model before scripting it)")
+        from ..evaluation.teacher import calibration_inputs
+        inputs = calibration_inputs(act_calibration)
+        act_quantizers = calibrate_activations(frozen, chosen, inputs, config.act_bits, config.act_observer)
+        install_input_quantizers(frozen, chosen, act_quantizers)
+    return QuantizedModel(frozen, chosen, grids, states, residuals, config.to_dict(), act_quantizers=act_quantizers)
