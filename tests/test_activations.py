@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from deap_quant import Evaluator, IncrementalEvaluator, QuantConfig, quantize
@@ -135,7 +134,7 @@ def test_adaround_reconstructs_from_quantized_inputs(tiny_model, monkeypatch):
     monkeypatch.setitem(adaround.__globals__, "_round_layer", recording)
     result = adaround(qmodel, calibration, steps=20, samples=32)
     assert len(captured) == len(qmodel.layers) == len(result.states)
-    for (module, inputs), quantizer in zip(captured, qmodel.act_quantizers):
+    for (_, inputs), quantizer in zip(captured, qmodel.act_quantizers):
         assert torch.equal(quantizer(inputs), inputs)  # every layer input is on its activation grid
         assert not torch.equal(inputs.round(), inputs)
 
