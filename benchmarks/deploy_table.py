@@ -61,7 +61,7 @@ def _onnx_test(qmodel: Any, genes: list, test: Any, batch_size: int) -> dict[str
     with tempfile.TemporaryDirectory() as folder:
         path = to_onnx(qmodel, genes, Path(folder) / "model.onnx", test[0][:1])
         scores = onnx_scores(path, test, "accuracy", batch_size)
-    return {"onnx_test": float(scores["accuracy"])}
+    return {"onnx_test": scores.score}
 
 
 def _row(name: str, qmodel: Any, genes: list, val: Any, test: Any, seconds: float, batch_size: int,

@@ -37,7 +37,7 @@ __all__ = [
     "Gene", "Individual", "Fitness", "MultiIndividual", "MultiFitness", "GeneSpace", "normalize",
     "make_toolbox", "evolve", "EvolutionConfig", "EvolutionResult", "write_results",
     "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint",
-    "export_model", "load", "read_export", "ExportError",
+    "export_model", "load", "read_export", "ExportError", "to_onnx", "onnx_scores",
     "nearest", "best_stochastic", "adaround", "AdaRoundConfig", "Rounding", "TeacherEvaluator",
     "compare_configs", "RunConfig", "CompareResult",
     "make_map", "MapConfig", "WorkersLostError",
@@ -49,6 +49,8 @@ _LAZY = {
     "RunConfig": (".compare", "RunConfig"),
     "CompareResult": (".compare", "CompareResult"),
     "write_results": (".report", "write_results"),
+    "to_onnx": (".onnx_export", "to_onnx"),
+    "onnx_scores": (".onnx_export", "onnx_scores"),
 }
 #: Submodules reachable as attributes before anything imported them (``deap_quant.compare.compare(...)``).
 _LAZY_SUBMODULES = ("compare", "report", "data", "zoo", "cli")

@@ -118,6 +118,15 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layers", default=None, help="comma-separated glob patterns of layers to quantize")
     group.add_argument("--fold-bn", action="store_true",
                        help="fold BatchNorm into the preceding conv before quantizing, as deployment does")
+    _add_act_arguments(group)
+
+
+def _add_act_arguments(group: Any) -> None:
+    group.add_argument("--act-bits", type=int, default=None, metavar="B",
+                       help="also quantize the input of every quantized layer to B bits (2..8; per tensor, affine, "
+                            "ranges fitted on the calibration images; default: float activations)")
+    group.add_argument("--act-observer", default="minmax", choices=("minmax", "percentile", "mse"),
+                       help="how the activation ranges are fitted (default: minmax)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write the evolved quantized model of a run folder to one file")
     export.add_argument("dir", metavar="DIR", help="the --out folder of a finished deap-quant run")
-    export.add_argument("--format", default="pt", help="pt (default: pt)")
-    export.add_argument("--output", default=None, metavar="PATH", help="file to write (default: DIR/model.pt)")
+    export.add_argument("--format", default="pt", choices=("pt", "onnx"),
+                        help="pt (deap_quant's own file, any grid) or onnx (QDQ graph, checked in onnxruntime; "
+                             "needs the onnx extra) (default: pt)")
+    export.add_argument("--output", default=None, metavar="PATH",
+                        help="file to write (default: DIR/model.pt, or DIR/model.onnx)")
     export.add_argument("--cache-dir", default=None, help="model cache (default: $XDG_CACHE_HOME/deap_quant)")
     _add_compare_parser(commands)
     for command in commands.choices.values():  # --debug after the command too; SUPPRESS keeps an earlier one
@@ -258,7 +270,8 @@ def _command_run(args: argparse.Namespace) -> int:
                              layer_choice=args.layer_choice, sampler=args.sampler, crossover=crossover)
     quant = QuantConfig(bits=args.bits, per_channel=args.per_channel, symmetric=not args.asymmetric,
                         scale_method=args.scale_method, scheme=args.scheme, fold_bn=getattr(args, "fold_bn", False),
-                        range=getattr(args, "grid_range", None))
+                        range=getattr(args, "grid_range", None), act_bits=args.act_bits,
+                        act_observer=args.act_observer)
     out = args.out or os.path.join("runs", f"{Path(args.model).stem}-{args.bits}bit-seed{args.seed}")
     if args.data_root is not None and not (Path(args.data_root).is_dir() or Path(args.data_root).is_file()):
         raise CLIError(f"--data-root {args.data_root!r} does not exist or is not a folder (or .npz file); give the "
@@ -275,7 +288,7 @@ def _command_run(args: argparse.Namespace) -> int:
                 "out": str(out_dir)}
     layers = [p.strip() for p in args.layers.split(",") if p.strip()] if args.layers else None
     model, splits, name = _load_float_model(args)
-    qmodel = quantize(model, layers=layers, config=quant)
+    qmodel = quantize(model, layers=layers, config=quant, act_calibration=splits.train if quant.act_bits else None)
     print(f"quantized {name}: {len(qmodel.layers)} layers, {qmodel.n_weights} weights, {args.bits} bits "
           f"({args.scheme}, {'per-channel' if args.per_channel else 'per-tensor'}, {args.scale_method})", flush=True)
     checkpointing = args.checkpoint_every is not None or args.resume is not None
@@ -296,6 +309,8 @@ def _command_export(args: argparse.Namespace) -> int:
     from .report import format_value
 
     path = export(args.dir, args.output, format=args.format, cache_dir=args.cache_dir)
+    if args.format == "onnx":
+        return _print_onnx_export(path)
     content = read_export(path)
     scores = content["scores"]
     metric = scores["metric"]
@@ -308,12 +323,33 @@ def _command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_onnx_export(path: Path) -> int:
+    from .onnx_export import read_onnx_metadata
+    from .report import format_value
+
+    info = read_onnx_metadata(path)
+    layers, check = info.get("layers", []), info.get("check", {})
+    act = sorted({layer["act_bits"] for layer in layers if layer.get("act_bits")})
+    print(f"wrote {path}: {len(layers)} quantized layers as QDQ (weights "
+          f"{'/'.join(sorted({layer['weight'] for layer in layers}))}, activations "
+          f"{'/'.join(f'{bits}-bit' for bits in act) + ' QDQ' if act else 'float'}), {info.get('genes', 0)} genes applied")
+    metric = check.get("metric", "accuracy")
+    if check.get("checked"):
+        print(f"onnxruntime: {metric} test {format_value(metric, check['onnxruntime_test'])} (the run reported "
+              f"{format_value(metric, check['reported_test'])}; difference {check['difference_samples']:+d} samples "
+              f"of {check['test_samples']})")
+    else:
+        print("onnxruntime: not checked (the run reported no test score)")
+    return 0
+
+
 def _add_compare_parser(commands: Any) -> None:
     compare = commands.add_parser("compare", help="compare baselines and evolutionary configurations over seeds")
     _add_model_arguments(compare)
     compare.add_argument("--bits", type=int, default=2, help="weight bit-width, 2..8 (default: 2)")
     compare.add_argument("--per-tensor", dest="per_channel", action="store_false", default=True,
                          help="one grid per layer (default: per output channel)")
+    _add_act_arguments(compare)
     compare.add_argument("--seeds", type=_positive, default=5, help="number of seeds, 0..N-1 (default: 5)")
     compare.add_argument("--data-seeds", type=_positive, default=1, metavar="K",
                          help="re-draw the val/test split per seed: seed s runs on data seed s mod K (0: the split "
@@ -344,6 +380,8 @@ def _command_compare(args: argparse.Namespace) -> int:
         raise CLIError(f"--only {args.only!r} names unknown configuration(s) {unknown}; see deap-quant compare --list")
     out = args.out or os.path.join("runs", f"compare-{Path(args.model).stem}-{args.bits}bit")
     settings: dict[str, Any] = {"per_channel": args.per_channel}
+    if args.act_bits is not None:
+        settings.update(act_bits=args.act_bits, act_observer=args.act_observer)
     if args.ngen is not None:
         settings["evolution"] = {"ngen": args.ngen}
     if args.adaround_steps is not None:
@@ -354,7 +392,7 @@ def _command_compare(args: argparse.Namespace) -> int:
     command = " ".join(["deap-quant compare", f"--model {args.model}", f"--bits {args.bits}", f"--seeds {args.seeds}",
                         f"--out {out}"] + [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in
                                            ("weights", "dataset", "data_root", "val_size", "calibration_size",
-                                            "config", "only", "ngen", "adaround_steps", "threads")
+                                            "config", "only", "ngen", "adaround_steps", "threads", "act_bits")
                                            if getattr(args, flag, None) is not None]
                        + [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag, plain in
                           (("data_seed", 0), ("data_seeds", 1)) if getattr(args, flag) != plain]

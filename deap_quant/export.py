@@ -17,6 +17,11 @@ evolved integer weights (per-channel or per-tensor), fed by a calibrated quint8 
 and followed by a ``DeQuantize``; the rest of the network runs in float. TorchScript models are
 exported and loaded as TorchScript (their weights are set through the scripted submodules); they
 get no int8 module, whose layers cannot be put into a scripted graph.
+
+``format="onnx"`` writes a QDQ ONNX model instead (:mod:`deap_quant.onnx_export`: integer weight
+initializers with ``DequantizeLinear``, activation ``QuantizeLinear``/``DequantizeLinear`` where
+the run quantized activations), scored in onnxruntime on the test data first: it is written only
+when that score is within one sample of the reported test score. k-means grids are refused.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from .quantization.model import QuantizedModel, as_gene_array
 __all__ = ["export", "load", "read_export", "int8_module", "ExportError", "FORMATS", "EXPORT_FORMAT_VERSION",
            "Int8Layer"]
 
-FORMATS = ("pt",)
+FORMATS = ("pt", "onnx")
 EXPORT_FORMAT_VERSION = 1
 _MARKER = "deap_quant.export"
 _INT8_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -110,11 +115,19 @@ def _content(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], *, recipe: 
     for number, info in enumerate(qmodel.layers):
         layers.append({"name": info.name, "kind": info.kind, "shape": list(info.shape), "n_levels": info.n_levels,
                        "dtype": str(_submodule(qmodel.module, info.name).weight.dtype).replace("torch.", ""),
-                       "states": states[number].clone(), "grid": _grid_state(qmodel.grids[number])})
+                       "states": states[number].clone(), "grid": _grid_state(qmodel.grids[number]),
+                       "activation": _activation_state(qmodel, number)})
     return {"format": _MARKER, "format_version": EXPORT_FORMAT_VERSION, "library": versions(),
             "architecture": architecture, "float_state": float_state, "layers": layers, "genes": gene_rows,
             "quantization": dict(qmodel.config), "scores": scores, "run": json.loads(json.dumps(run_info or {})),
             "int8": None}
+
+
+def _activation_state(qmodel: QuantizedModel, layer: int) -> Optional[dict[str, Any]]:
+    """The layer's input quantizer (``act_bits``) as plain values, or ``None``."""
+    quantizers = getattr(qmodel, "act_quantizers", None)
+    quantizer = quantizers[layer] if quantizers else None
+    return None if quantizer is None else quantizer.to_state()
 
 
 def _calibrate(module: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
@@ -195,11 +208,16 @@ def export(result_or_dir: Any, path: Optional[PathLike] = None, format: str = "p
     second case give ``recipe=`` (a zoo recipe name) to store the architecture by name instead of
     pickling it, ``calibration=`` (validation inputs or data) to add int8 activation ranges, and
     ``test=`` data to check that the exported module reproduces the result's test score.
+
+    ``format="onnx"`` writes a QDQ ONNX model (default ``DIR/model.onnx``), only when its
+    onnxruntime test score is within one sample of the reported one (see
+    :func:`deap_quant.onnx_export.export_checked`); the check is in the file's metadata
+    (:func:`deap_quant.onnx_export.read_onnx_metadata`).
     """
     if format not in FORMATS:
         raise ExportError(f"format={format!r} is not valid; use one of {', '.join(FORMATS)}")
     if isinstance(result_or_dir, (str, os.PathLike)):
-        return _export_run_folder(Path(result_or_dir), path, cache_dir=cache_dir)
+        return _export_run_folder(Path(result_or_dir), path, cache_dir=cache_dir, format=format)
     if not hasattr(result_or_dir, "best") or not hasattr(result_or_dir, "metric"):
         raise ExportError(f"cannot export a {type(result_or_dir).__name__}; give a run folder or an "
                           "EvolutionResult with qmodel=")
@@ -215,6 +233,8 @@ def export(result_or_dir: Any, path: Optional[PathLike] = None, format: str = "p
         recipe = run_info.get("model") if run_info.get("model") in RECIPES else None
     scores = {"metric": result.metric, "batch_size": batch_size,
               "val": result.best.get("val"), "test": result.best.get("test")}
+    if format == "onnx":
+        return _write_onnx(qmodel, genes, Path(path), scores=scores, test=test, sample=calibration)
     return _write(qmodel, genes, Path(path), recipe=recipe, scores=scores, run_info=run_info,
                   calibration=calibration, test=test)
 
@@ -245,7 +265,8 @@ def _write(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path: Path, *
     return path
 
 
-def _export_run_folder(folder: Path, path: Optional[PathLike], *, cache_dir: Optional[str]) -> Path:
+def _export_run_folder(folder: Path, path: Optional[PathLike], *, cache_dir: Optional[str],
+                       format: str = "pt") -> Path:
     from .quantization import QuantConfig, quantize
 
     results = folder / "results.json"
@@ -267,13 +288,33 @@ def _export_run_folder(folder: Path, path: Optional[PathLike], *, cache_dir: Opt
 
     model, splits, _ = float_model_from_settings({**run, "cache_dir": cache_dir or run.get("cache_dir")})
     layers = [p.strip() for p in run["layers"].split(",") if p.strip()] if run.get("layers") else None
-    qmodel = quantize(model, layers=layers, config=QuantConfig(**config["quantization"]))
+    quant = QuantConfig(**config["quantization"])
+    qmodel = quantize(model, layers=layers, config=quant, act_calibration=splits.train if quant.act_bits else None)
     recipe = run["model"] if _is_recipe(run["model"]) else None
     scores = {"metric": metric, "batch_size": int(run.get("batch_size") or 512),
               "val": best.get("val"), "test": best.get("test")}
+    if format == "onnx":
+        return _write_onnx(qmodel, best["genes"], Path(path) if path is not None else folder / "model.onnx",
+                           scores=scores, test=splits.test, sample=None)
     target = Path(path) if path is not None else folder / "model.pt"
     return _write(qmodel, best["genes"], target, recipe=recipe, scores=scores, run_info=run,
                   calibration=splits.val, test=splits.test)
+
+
+def _write_onnx(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path: Path, *, scores: dict[str, Any],
+                test: Any, sample: Any) -> Path:
+    """The QDQ ONNX model, written only if onnxruntime scores it within one sample of ``scores["test"]``."""
+    from .onnx_export import export_checked
+
+    if test is None and sample is None:
+        raise ExportError("ONNX export traces the model on sample inputs: give test= data (which also checks the "
+                          "onnxruntime score) or calibration= inputs")
+    sample_input = _batches(sample, 2)[0] if sample is not None else None
+    written, _ = export_checked(qmodel, genes, path, test=test, sample_input=sample_input, metric=scores["metric"],
+                                reported_test=scores.get("test"), batch_size=scores["batch_size"],
+                                extra={"reported": {"metric": scores["metric"], "val": scores.get("val"),
+                                                    "test": scores.get("test")}})
+    return written
 
 
 def _is_recipe(name: str) -> bool:
@@ -355,6 +396,11 @@ def _rebuild(content: dict[str, Any], allow_pickle: bool) -> nn.Module:
                           f"{sorted(set(missing) - expected_missing)}, unexpected {sorted(unexpected)})")
     for parameter in module.parameters():
         parameter.requires_grad_(False)
+    if any(layer.get("activation") for layer in content["layers"]):  # the run quantized activations too
+        from .quantization.activations import ActivationQuantizer, install_input_quantizers
+        install_input_quantizers(module, [layer["name"] for layer in content["layers"]],
+                                 [ActivationQuantizer.from_state(layer["activation"]) if layer.get("activation")
+                                  else None for layer in content["layers"]])
     return module.eval()
 
 

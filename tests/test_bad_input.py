@@ -246,7 +246,7 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("output folder that cannot be created", ["run", "--out", "{blocker}/run"],
      "is not writable (Not a directory); choose a folder you can write to"),
     ("export of a folder without results", ["export", "{tmp}"], "holds no results.json"),
-    ("export in an unknown format", ["export", "{out}", "--format", "onnx"], "format='onnx' is not valid; use one of pt"),
+    ("export in an unknown format", ["export", "{out}", "--format", "tflite"], "argument --format: invalid choice: 'tflite'"),
     ("unknown command", ["frobnicate"], "invalid choice: 'frobnicate'"),
     ("unknown option", ["run", "--turbo", "--out", "{out}"], "unrecognized arguments: --turbo"),
 ]
