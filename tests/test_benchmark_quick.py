@@ -68,3 +68,18 @@ def test_real_table_quick_run_writes_the_documented_json(tmp_path):
             assert 0.0 <= row["test_mean"] <= 1.0
     search = written["rows"][5]
     assert search["evals_per_second"] > 0 and search["val_mean"] >= written["rows"][3]["val_mean"]
+
+
+def test_deploy_table_quick_run_checks_every_row_in_onnxruntime(digits_zoo, tmp_path):
+    """benchmarks/deploy_table.py --quick on digits-cnn: W4A8 rows, each with its onnxruntime test score."""
+    pytest.importorskip("onnxruntime")
+    table = runpy.run_path(str(BENCHMARK.with_name("deploy_table.py")), run_name="deploy_table")
+    path = tmp_path / "deploy.json"
+    table["main"](["--quick", "--quiet", "--models", "digits-cnn", "--bits", "4", "--json", str(path)])
+    written = json.loads(path.read_text())["digits_cnn"]
+    rows = written["by_bits"]["W4A8"]["rows"]
+    assert [row["config"] for row in rows] == ["nearest", "adaround", "es-from-adaround"]
+    for row in rows:
+        assert 0.0 <= row["test"] <= 1.0 and 0.0 <= row["onnx_test"] <= 1.0
+        assert abs(row["onnx_minus_deap_quant_samples"]) <= 1
+    assert {entry["config"] for entry in written["by_bits"]["W4A8"]["summary"]} == set(table["ROWS"])
