@@ -218,3 +218,20 @@ def test_adaround_targets_come_from_float_activations(tiny_model):
         assert (float_copy(inputs) - tiny_model(inputs)).abs().max() < 1e-5
     kept = float_module(qmodel, input_quantizers=True)
     assert input_quantizer_of(kept.conv) == qmodel.act_quantizers[0]
+
+
+def test_teacher_fitness_scores_the_quantized_activations_against_the_float_model(tiny_model):
+    from deap_quant import TeacherEvaluator, evolve
+    calibration = signed_data(64, 7)[0]
+    qmodel = quantize(tiny_model, bits=3, act_bits=3, act_calibration=signed_data(64, 4)[0])
+    weights_only = quantize(tiny_model, bits=3)
+    teacher = TeacherEvaluator(qmodel, calibration, teacher=tiny_model)
+    reference = TeacherEvaluator(weights_only, calibration, teacher=tiny_model)
+    assert teacher([]) != reference([])  # the student runs with its activation grid, the teacher without
+    with torch.no_grad():
+        student = qmodel(calibration).log_softmax(1)
+        target = tiny_model(calibration).log_softmax(1)
+    kl = float(torch.nn.functional.kl_div(student, target, log_target=True, reduction="sum")) / len(calibration)
+    assert teacher.scores([])["kl"] == pytest.approx(kl, rel=1e-4)
+    result = evolve(qmodel, evaluator=teacher, mu=4, lambda_=6, ngen=2, seed=0, progress=False)
+    assert result.best["genes"] is not None

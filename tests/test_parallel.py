@@ -346,3 +346,12 @@ def test_ray_actor_process_killed_mid_generation(problem, reference, ray_instanc
     assert os.path.exists(fired)
     assert fingerprint(result) == reference
     assert result.details["parallel"]["workers_lost"] == 1
+
+
+def test_ray_gives_the_serial_run_with_quantized_activations(problem, ray_instance):
+    """Input quantizers (act_bits) travel to the actors with the model: the same run as serial."""
+    model = make_tiny_model()
+    _, val = problem
+    qmodel = dq.quantize(model, bits=2, act_bits=4, act_calibration=torch.randn(32, 1, 8, 8))
+    serial = dq.evolve(qmodel, val, **SEARCH)
+    assert fingerprint(dq.evolve(qmodel, val, backend="ray", workers=1, **SEARCH)) == fingerprint(serial)
