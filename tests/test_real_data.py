@@ -350,6 +350,21 @@ def test_cifar10_resnet20_runs_exports_and_compares_end_to_end(cifar_root, tmp_p
 
 
 @needs_shared
+def test_cifar10_resnet20_w4a8_run_exports_to_onnx_within_one_sample(cifar_root, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "w4a8"
+    run_cli(capsys, "run", "--model", "cifar10-resnet20", "--weights", str(RESNET20), "--data-root", str(cifar_root),
+            "--val-size", "100", "--calibration-size", "64", "--bits", "4", "--act-bits", "8", "--threads", "1",
+            "--mu", "2", "--lambda", "4", "--ngen", "1", "--no-progress", "--out", str(out))
+    result = json.loads((out / "results.json").read_text())
+    assert result["config"]["quantization"]["act_bits"] == 8 and result["best"]["test"] > 0.85
+    exported = run_cli(capsys, "export", str(out), "--format", "onnx")
+    assert (out / "model.onnx").is_file() and "onnxruntime: accuracy test" in exported
+    difference = int(exported.split("difference ")[1].split(" samples")[0])
+    assert abs(difference) <= 1
+
+
+@needs_shared
 def test_mnist_cnn_trains_caches_and_runs_with_checkpoints_and_processes(mnist_root, tmp_path, capsys):
     zoo = load_model("mnist-cnn", data_root=mnist_root, options={"val_size": 200}, verbose=False)
     assert zoo.data.sizes() == {"train": 600, "val": 200, "test": 300} and not zoo.from_cache
