@@ -96,7 +96,8 @@ def run_one(zoo: Any, bits: int, act_bits: int, seed: int, args: argparse.Namesp
     best = result.best
     rows.append(_row("es-from-adaround", rounded, list(map(tuple, best["genes"])), data.val, data.test,
                      result.details["search_seconds"], args.batch_size, args.onnx,
-                     {"evaluations": result.evaluations, "changed_weights": best.get("changed_weights")}))
+                     {"evaluations": result.evaluations, "changed_weights": best.get("changed_weights"),
+                      "genes": [list(gene) for gene in best["genes"]]}))
     for row in rows:
         onnx = (f"  onnxruntime test {row['onnx_test']:.4f} ({row['onnx_minus_deap_quant_samples']:+d} samples)"
                 if "onnx_test" in row else "")
