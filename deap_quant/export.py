@@ -198,7 +198,7 @@ def _score(module: nn.Module, data: Any, metric: str, batch_size: int, qmodel: Q
 def export(result_or_dir: Any, path: Optional[PathLike] = None, format: str = "pt", *,
            qmodel: Optional[QuantizedModel] = None, genes: Optional[Sequence[Sequence[int]]] = None,
            recipe: Optional[str] = None, calibration: Any = None, test: Any = None, batch_size: int = 512,
-           cache_dir: Optional[str] = None) -> Path:
+           cache_dir: Optional[str] = None, max_difference: int = 1) -> Path:
     """Write the evolved quantized model to ``path`` and return the path.
 
     ``result_or_dir`` is a run folder written by ``deap-quant run`` (the model is rebuilt from
@@ -211,13 +211,15 @@ def export(result_or_dir: Any, path: Optional[PathLike] = None, format: str = "p
 
     ``format="onnx"`` writes a QDQ ONNX model (default ``DIR/model.onnx``), only when its
     onnxruntime test score is within one sample of the reported one (see
-    :func:`deap_quant.onnx_export.export_checked`); the check is in the file's metadata
+    :func:`deap_quant.onnx_export.export_checked`; ``max_difference`` raises that limit, see the
+    README on why quantized activations can differ by a few samples); the check is in the file's metadata
     (:func:`deap_quant.onnx_export.read_onnx_metadata`).
     """
     if format not in FORMATS:
         raise ExportError(f"format={format!r} is not valid; use one of {', '.join(FORMATS)}")
     if isinstance(result_or_dir, (str, os.PathLike)):
-        return _export_run_folder(Path(result_or_dir), path, cache_dir=cache_dir, format=format)
+        return _export_run_folder(Path(result_or_dir), path, cache_dir=cache_dir, format=format,
+                                  max_difference=max_difference)
     if not hasattr(result_or_dir, "best") or not hasattr(result_or_dir, "metric"):
         raise ExportError(f"cannot export a {type(result_or_dir).__name__}; give a run folder or an "
                           "EvolutionResult with qmodel=")
@@ -234,7 +236,8 @@ def export(result_or_dir: Any, path: Optional[PathLike] = None, format: str = "p
     scores = {"metric": result.metric, "batch_size": batch_size,
               "val": result.best.get("val"), "test": result.best.get("test")}
     if format == "onnx":
-        return _write_onnx(qmodel, genes, Path(path), scores=scores, test=test, sample=calibration)
+        return _write_onnx(qmodel, genes, Path(path), scores=scores, test=test, sample=calibration,
+                           max_difference=max_difference)
     return _write(qmodel, genes, Path(path), recipe=recipe, scores=scores, run_info=run_info,
                   calibration=calibration, test=test)
 
@@ -266,7 +269,7 @@ def _write(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path: Path, *
 
 
 def _export_run_folder(folder: Path, path: Optional[PathLike], *, cache_dir: Optional[str],
-                       format: str = "pt") -> Path:
+                       format: str = "pt", max_difference: int = 1) -> Path:
     from .quantization import QuantConfig, quantize
 
     results = folder / "results.json"
@@ -295,15 +298,16 @@ def _export_run_folder(folder: Path, path: Optional[PathLike], *, cache_dir: Opt
               "val": best.get("val"), "test": best.get("test")}
     if format == "onnx":
         return _write_onnx(qmodel, best["genes"], Path(path) if path is not None else folder / "model.onnx",
-                           scores=scores, test=splits.test, sample=None)
+                           scores=scores, test=splits.test, sample=None, max_difference=max_difference)
     target = Path(path) if path is not None else folder / "model.pt"
     return _write(qmodel, best["genes"], target, recipe=recipe, scores=scores, run_info=run,
                   calibration=splits.val, test=splits.test)
 
 
 def _write_onnx(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path: Path, *, scores: dict[str, Any],
-                test: Any, sample: Any) -> Path:
-    """The QDQ ONNX model, written only if onnxruntime scores it within one sample of ``scores["test"]``."""
+                test: Any, sample: Any, max_difference: int = 1) -> Path:
+    """The QDQ ONNX model, written only if onnxruntime scores it within ``max_difference`` samples of
+    ``scores["test"]``."""
     from .onnx_export import export_checked
 
     if test is None and sample is None:
@@ -313,7 +317,8 @@ def _write_onnx(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path: Pa
     written, _ = export_checked(qmodel, genes, path, test=test, sample_input=sample_input, metric=scores["metric"],
                                 reported_test=scores.get("test"), batch_size=scores["batch_size"],
                                 extra={"reported": {"metric": scores["metric"], "val": scores.get("val"),
-                                                    "test": scores.get("test")}})
+                                                    "test": scores.get("test")}},
+                                max_difference=max_difference)
     return written
 
 

@@ -377,12 +377,13 @@ def _check_counting(metric: Any) -> None:
 def export_checked(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path: PathLike, *, test: Any = None,
                    sample_input: Optional[torch.Tensor] = None, metric: Any = "accuracy",
                    reported_test: Optional[float] = None, batch_size: int = 512, opset: int = DEFAULT_OPSET,
-                   extra: Optional[dict[str, Any]] = None) -> tuple[Path, dict[str, Any]]:
+                   extra: Optional[dict[str, Any]] = None,
+                   max_difference: int = MAX_SAMPLE_DIFFERENCE) -> tuple[Path, dict[str, Any]]:
     """Write the QDQ model to ``path`` only if onnxruntime reproduces ``reported_test`` on ``test``.
 
     The model is built in memory and scored in onnxruntime on ``test`` first; when its score
-    differs from ``reported_test`` by more than :data:`MAX_SAMPLE_DIFFERENCE` sample(s) nothing is
-    written (an existing file at ``path`` is left as it was) and :class:`ExportError` names both
+    differs from ``reported_test`` by more than ``max_difference`` sample(s) (default
+    :data:`MAX_SAMPLE_DIFFERENCE`, one) nothing is written (an existing file at ``path`` is left as it was) and :class:`ExportError` names both
     scores and the difference. Returns the path and the check (also stored in the file's
     metadata): ``{"metric", "reported_test", "onnxruntime_test", "difference_samples",
     "test_samples", "checked"}``. Without ``test`` data or a reported score the model is written
@@ -390,6 +391,8 @@ def export_checked(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path:
     """
     from .evaluation.evaluator import materialize
 
+    if isinstance(max_difference, bool) or not isinstance(max_difference, int) or max_difference < 0:
+        raise ExportError(f"max_difference={max_difference!r} is not valid; use a number of samples >= 0")
     if sample_input is None:
         if test is None:
             raise ExportError("ONNX export needs sample inputs to trace the model: give test= data or sample_input=")
@@ -405,10 +408,10 @@ def export_checked(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path:
         difference = sample_difference(scores, reported_test)
         check.update(onnxruntime_test=scores.score, difference_samples=difference, test_samples=scores.count,
                      checked=True)
-        if abs(difference) > MAX_SAMPLE_DIFFERENCE:
+        if abs(difference) > max_difference:
             raise ExportError(f"the ONNX model scores {scores.metric}={scores.score!r} on test in onnxruntime, but "
                               f"the run reported {float(reported_test)!r}: {difference:+d} samples of {scores.count} "
-                              f"(at most {MAX_SAMPLE_DIFFERENCE} allowed); nothing was written")
+                              f"(at most {max_difference} allowed); nothing was written")
     onnx = _require("onnx")
     proto = onnx.load_from_string(payload)
     entry = json.loads({prop.key: prop.value for prop in proto.metadata_props}[METADATA_KEY])

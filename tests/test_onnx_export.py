@@ -228,9 +228,9 @@ def test_the_cli_exports_a_run_folder_to_onnx_and_prints_the_onnxruntime_score(d
     assert onnx_scores(path, test, "accuracy").score == check["onnxruntime_test"]
 
 
-@pytest.mark.parametrize("shift, written", [(1, True), (2, False)])
+@pytest.mark.parametrize("shift, written, limit", [(1, True, None), (2, False, None), (2, True, 2), (3, False, 2)])
 def test_the_export_is_refused_when_onnxruntime_differs_by_more_than_one_sample(digits_run, tmp_path, capsys,
-                                                                               shift, written):
+                                                                               shift, written, limit):
     folder = tmp_path / "run"
     shutil.copytree(digits_run, folder, ignore=shutil.ignore_patterns("model.*"))
     results = json.loads((folder / "results.json").read_text())
@@ -240,7 +240,7 @@ def test_the_export_is_refused_when_onnxruntime_differs_by_more_than_one_sample(
     results["best"]["test"] = (round(honest["onnxruntime_test"] * n_test) - shift) / n_test
     (folder / "results.json").write_text(json.dumps(results))
     capsys.readouterr()
-    code = main(["export", str(folder), "--format", "onnx"])
+    code = main(["export", str(folder), "--format", "onnx", *(["--max-difference", str(limit)] if limit else [])])
     captured = capsys.readouterr()
     assert (folder / "model.onnx").exists() == written
     assert not [p for p in folder.iterdir() if p.name.startswith(".model.onnx")]  # no temporary left behind
@@ -249,7 +249,7 @@ def test_the_export_is_refused_when_onnxruntime_differs_by_more_than_one_sample(
     else:
         lines = captured.err.strip().splitlines()
         assert code == 2 and len(lines) == 1
-        assert f"+{shift} samples of {n_test} (at most 1 allowed); nothing was written" in lines[0]
+        assert f"+{shift} samples of {n_test} (at most {limit or 1} allowed); nothing was written" in lines[0]
         assert f"the run reported {results['best']['test']!r}" in lines[0]
 
 
