@@ -1,6 +1,7 @@
-"""Fitness-evaluation throughput: plain forward pass, naive DEAP loop, and deap_quant's fast evaluator.
+"""Fitness-evaluation throughput: plain forward pass, naive DEAP loop, deap_quant's fast and batched evaluators.
 
     python benchmarks/eval_throughput.py [--quick] [--json PATH] [--ngen N] [--batch-size B] [--threads N]
+        [--population-batches 1,8,32] [--stack auto|on|off] [--device cpu|cuda]
 
 For digits-cnn (the zoo recipe on its 359-image validation split; the digits data has no more)
 and torchvision's resnet18 (``num_classes=10``, random weights from seed 0, 512 fixed random
@@ -17,7 +18,15 @@ quantized to 4 bits, it measures:
     (default 30, evolve's default run). The speed-up depends on where genes fall: a gene in an
     early layer forces everything after it to be recomputed, for the samples it changes.
 
-(a) and (b) are timed alternately after (c) (medians), so load changes on a shared machine hit
+(d) :class:`deap_quant.BatchedEvaluator` in the same ``evolve`` run, registered as ``toolbox.map``
+    (each generation's offspring in one call), at each population batch ``K`` of
+    ``--population-batches`` (default 1, 8 and 32); ``--stack`` says whether a group runs as stacked
+    batches (``auto``: on CUDA only, the evaluator's default). Its evaluations per second are
+    compared with (c)'s, and its population, hall of fame, logbook and fitness values with the
+    plain evaluator's.
+
+``--device cuda`` moves the quantized model there (the evaluators follow it with the data).
+(a) and (b) are timed alternately after (c) and (d) (medians), so load changes on a shared machine hit
 them alike; wall-clock and CPU-time ratios are both reported. It prints evaluations per second,
 the ratios (c)/(b) and (c)/(a), the fraction of validation samples skipped by early rejection,
 the cache memory used, and checks that the same run with the plain :class:`deap_quant.Evaluator`
@@ -39,12 +48,14 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from deap_quant import Evaluator, EvolutionConfig, IncrementalEvaluator, evolve, quantize
+from deap_quant import BatchedEvaluator, Evaluator, EvolutionConfig, IncrementalEvaluator, evolve, quantize
+from deap_quant.evaluation import resolve_device
 
 MODELS = ("digits_cnn", "resnet18", "cifar10_resnet20")
 #: Where the real data and the pretrained ResNet-20 live for this project's benchmarks (``--weights``,
@@ -132,6 +143,13 @@ def floor_and_naive(qmodel, val, batch_size: int, genomes: list[list]) -> dict[s
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def free_cache(evaluator: IncrementalEvaluator) -> None:
+    """Drop an evaluator's cached activations once its run is timed (its memo, all the checks need, stays)."""
+    cache = getattr(evaluator, "_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
 def decisions(result) -> dict[str, Any]:
     return {
         "population": [(list(ind), ind.fitness.values) for ind in result.population],
@@ -160,9 +178,13 @@ def compare_fitness(fast: IncrementalEvaluator, plain: RecordingEvaluator) -> di
 
 
 def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_size: int, layer_choice: str,
-                sampler: str, log, bits: int = 4, cache_mb: Optional[int] = None) -> dict[str, Any]:
+                sampler: str, log, bits: int = 4, cache_mb: Optional[int] = None,
+                population_batches: Sequence[int] = (), stack: Any = "auto",
+                device: Optional[str] = None) -> dict[str, Any]:
     model, val = SETUPS[name](quick)
     qmodel = quantize(model, bits=bits)
+    if device is not None:
+        qmodel.module.to(resolve_device(device))
     n_val = len(val[1])
     log(f"\n== {name}: {sum(layer.numel for layer in qmodel.layers):,} quantized weights, {n_val} validation "
         f"images, batch {batch_size}, {bits} bits")
@@ -176,6 +198,16 @@ def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_
     fast_rate = fast_result.evaluations / fast_result.details["search_seconds"]
     fast_cpu_rate = fast_result.evaluations / clock.cpu
     stats = fast.stats()
+    free_cache(fast)
+
+    batched_runs = []
+    for size in population_batches:
+        batched = BatchedEvaluator(qmodel, val, batch_size=batch_size, population_batch=size, stack=stack,
+                                   cache_bytes=None if cache_mb is None else cache_mb * 2 ** 20)
+        with Clock() as batched_clock:
+            batched_result = evolve(qmodel, evaluator=batched, **options)
+        free_cache(batched)
+        batched_runs.append((size, batched, batched_result, batched_clock.cpu))
 
     genomes = [list(ind) for ind in fast_result.population][: 2 if quick else 10]
     floor = floor_and_naive(qmodel, val, batch_size, genomes)
@@ -194,6 +226,29 @@ def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_
     same_run = decisions(fast_result) == decisions(plain_result)
     fitness = compare_fitness(fast, plain)
     identical = same_run and fitness["identical"]
+
+    batched_figures: dict[str, Any] = {}
+    for size, batched, batched_result, batched_cpu in batched_runs:
+        rate = batched_result.evaluations / batched_result.details["search_seconds"]
+        check = compare_fitness(batched, plain)
+        same = decisions(batched_result) == decisions(plain_result)
+        batched_stats = batched.stats()
+        batched_figures[str(size)] = {
+            "evals_per_second": rate, "cpu_evals_per_second": batched_result.evaluations / batched_cpu,
+            "speedup_vs_fast": rate / fast_rate,
+            "cpu_speedup_vs_fast": (batched_result.evaluations / batched_cpu) / fast_cpu_rate,
+            "identical": same and check["identical"], "same_population_hall_of_fame_logbook": same,
+            "fitness_check": check, "stage_fraction": batched_stats["stage_fraction"],
+            "mean_start_stage": batched_stats["mean_start_stage"], "memo_hits": batched_stats["memo_hits"],
+            "computed": batched_stats["computed"], "rejected": batched_stats["rejected"],
+            "cache_mb": (batched_stats["cache"] or {}).get("peak_mb", 0.0),
+            **{key: batched_stats[key] for key in ("population_batch", "stacking", "groups", "concat_runs",
+                                                   "vmap_runs", "verifications", "not_stored")}}
+        log(f"(d) batched evaluator, K={size:<3}  {1000 / rate:8.1f} ms  ({rate:7.2f} evals/s; CPU "
+            f"{1000 * batched_cpu / batched_result.evaluations:.1f} ms; {rate / fast_rate:.2f}x (c), CPU time "
+            f"{batched_figures[str(size)]['cpu_speedup_vs_fast']:.2f}x; stage-batches run "
+            f"{batched_stats['stage_fraction']:.1%} of full, stacked runs {batched_stats['concat_runs']} "
+            f"concatenated + {batched_stats['vmap_runs']} vmapped; identical {batched_figures[str(size)]['identical']})")
 
     cache = stats["cache"] or {}
     figures = {
@@ -224,10 +279,18 @@ def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_
         "mu": mu, "lambda": lambda_, "ngen": ngen, "layer_choice": layer_choice, "sampler": sampler,
         "best_val": fast_result.best["val"],
         "baseline_val": fast_result.baseline["val"],
-        "identical": identical,
+        "identical": identical and all(entry["identical"] for entry in batched_figures.values()),
         "fitness_check": fitness,
         "same_population_hall_of_fame_logbook": same_run,
+        "batched": batched_figures,
+        "device": str(resolve_device(None, qmodel.module)),
     }
+    if batched_figures:
+        best = max(batched_figures, key=lambda size: batched_figures[size]["speedup_vs_fast"])
+        figures["population_batched"] = {"speedup_vs_fast": batched_figures[best]["speedup_vs_fast"],
+                                         "cpu_speedup_vs_fast": batched_figures[best]["cpu_speedup_vs_fast"],
+                                         "best_k": int(best), "identical": all(
+                                             entry["identical"] for entry in batched_figures.values())}
     log(f"    (c)/(b) = {figures['speedup_vs_naive']:.1f}x   (c)/(a) = {figures['speedup_vs_forward']:.1f}x   "
         f"(CPU time: {figures['cpu_speedup_vs_naive']:.1f}x, {figures['cpu_speedup_vs_forward']:.1f}x)   "
         f"plain Evaluator in evolve: {plain_rate:.2f} evals/s")
@@ -269,8 +332,28 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help="CIFAR-10 folder for cifar10_resnet20 (default: ../shared/data/cifar10)")
     parser.add_argument("--cache-mb", type=int, default=None,
                         help="activation cache budget of the fast evaluator in MiB (default: a quarter of free memory)")
+    parser.add_argument("--population-batches", default="1,8,32",
+                        help="comma-separated population batches K of the batched evaluator (default 1,8,32; "
+                             "'none' skips it)")
+    parser.add_argument("--stack", choices=("auto", "on", "off"), default="auto",
+                        help="the batched evaluator's stacking: auto (on CUDA only, its default), on or off")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N: where the quantized model runs (default: where it was loaded, the CPU)")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
     args = parser.parse_args(argv)
+    try:
+        sizes = [] if args.population_batches.strip() == "none" else [
+            int(part) for part in args.population_batches.split(",") if part.strip()]
+    except ValueError:
+        sizes = [0]
+    if any(size < 1 for size in sizes):
+        parser.error(f"--population-batches {args.population_batches!r} is not valid; use comma-separated "
+                     "integers >= 1 or 'none'")
+    if args.device is not None:
+        try:
+            resolve_device(args.device)
+        except ValueError as error:
+            parser.error(f"--device: {error}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
@@ -299,8 +382,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for name in models:
             results[name] = bench_model(name, args.quick, ngen, mu, lambda_, batch_size, args.layer_choice,
-                                        args.sampler, log, cache_mb=args.cache_mb)
+                                        args.sampler, log, cache_mb=args.cache_mb, population_batches=sizes,
+                                        stack={"on": True, "off": False}.get(args.stack, "auto"),
+                                        device=args.device)
         results["identical"] = all(results[name]["identical"] for name in models)
+        if sizes:
+            results["population_batched"] = {
+                **{name: results[name]["population_batched"] for name in models},
+                "identical": all(results[name]["population_batched"]["identical"] for name in models),
+                "population_batches": sizes, "stack": args.stack}
         results["machine"] = {"cpus": os.cpu_count(), "threads": args.threads, "load_average_start": load,
                               "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
                               "python": sys.version.split()[0], "torch": torch.__version__,

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 from .baselines import AdaRoundConfig, Rounding, adaround, best_stochastic, nearest
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .evaluation import Evaluator, FunctionEvaluator, IncrementalEvaluator
+from .evaluation import BatchedEvaluator, Evaluator, FunctionEvaluator, IncrementalEvaluator
 from .evaluation.teacher import TeacherEvaluator
 from .evolve import EvolutionConfig, EvolutionResult, evolve
 from .export import ExportError, load, read_export
@@ -33,7 +33,7 @@ from .toolbox import make_toolbox
 __all__ = [
     "__version__",
     "quantize", "QuantConfig", "QuantizedModel", "LayerInfo", "GeneError",
-    "Evaluator", "FunctionEvaluator", "IncrementalEvaluator",
+    "Evaluator", "FunctionEvaluator", "IncrementalEvaluator", "BatchedEvaluator",
     "Gene", "Individual", "Fitness", "MultiIndividual", "MultiFitness", "GeneSpace", "normalize",
     "make_toolbox", "evolve", "EvolutionConfig", "EvolutionResult", "write_results",
     "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint",

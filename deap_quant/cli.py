@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="worker processes or Ray actors (default: one per CPU; the cluster's for Ray)")
     parallel.add_argument("--ray-address", default=None, metavar="ADDRESS",
                           help="join this Ray cluster (e.g. auto or ray://HOST:10001); default: a local Ray instance")
+    run.add_argument("--device", default=None, metavar="DEVICE",
+                     help="cpu, cuda or cuda:N: where the model, validation data and caches live during the search "
+                          "(default: the model's own, the CPU for zoo models); may change on --resume")
 
     export = commands.add_parser("export", help="write the evolved quantized model of a run folder to one file")
     export.add_argument("dir", metavar="DIR", help="the --out folder of a finished deap-quant run")
@@ -183,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", default=None, metavar="PATH",
                         help="file to write (default: DIR/model.pt, or DIR/model.onnx)")
     export.add_argument("--cache-dir", default=None, help="model cache (default: $XDG_CACHE_HOME/deap_quant)")
+    export.add_argument("--max-difference", type=_non_negative, default=1, metavar="N",
+                        help="onnx: write only if the onnxruntime test score is within N samples of the run's "
+                             "(default: 1)")
     _add_compare_parser(commands)
     for command in commands.choices.values():  # --debug after the command too; SUPPRESS keeps an earlier one
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
@@ -214,7 +220,7 @@ def _default_metric(args: argparse.Namespace, splits: Any) -> Any:
 
 #: ``run`` options that may differ from the checkpointed run's when resuming it.
 _RESUME_MAY_CHANGE = ("ngen", "no_progress", "cache_dir", "data_root", "threads", "checkpoint_every", "out",
-                      "backend", "workers", "ray_address", "debug")
+                      "backend", "workers", "ray_address", "debug", "device")
 
 
 def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, int]:
@@ -252,6 +258,9 @@ def _command_run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         args, checkpoint_threads = _resumed_args(args)
 
+    if args.device is not None:  # before any work: a device this machine lacks is a one-line error
+        from .evaluation.batched import resolve_device
+        resolve_device(args.device)
     if args.ray_address is not None and args.backend != "ray":
         raise CLIError(f"--ray-address {args.ray_address} needs --backend ray (got --backend {args.backend})")
     if args.backend == "ray":  # before any work: say how to install Ray if it is missing
@@ -296,7 +305,7 @@ def _command_run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, float_model=model, progress=not args.no_progress,
                     checkpoint=out_dir if checkpointing else None, checkpoint_every=args.checkpoint_every,
                     resume=args.resume, run_info=run_info, backend=args.backend, workers=args.workers,
-                    ray_address=args.ray_address)
+                    ray_address=args.ray_address, device=args.device)
     result.config["model"] = name
     paths = write_results(result, out_dir)
     print(format_table(result.to_dict()))
@@ -308,7 +317,8 @@ def _command_export(args: argparse.Namespace) -> int:
     from .export import export, read_export
     from .report import format_value
 
-    path = export(args.dir, args.output, format=args.format, cache_dir=args.cache_dir)
+    path = export(args.dir, args.output, format=args.format, cache_dir=args.cache_dir,
+                  max_difference=args.max_difference)
     if args.format == "onnx":
         return _print_onnx_export(path)
     content = read_export(path)

@@ -24,7 +24,8 @@ from deap import algorithms, tools
 
 from .baselines import StartSpec, changed_weights, resolve_start
 from .checkpoint import load_checkpoint, open_checkpoints
-from .evaluation.evaluator import DataSpec, Evaluator
+from .evaluation.batched import BatchedEvaluator, resolve_device
+from .evaluation.evaluator import DataSpec, Evaluator, model_placement
 from .evaluation.incremental import IncrementalEvaluator, announce_parents
 from .evaluation.metrics import MetricSpec
 from .genome import Individual
@@ -164,6 +165,7 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
            start: StartSpec = None, calibration: Optional[DataSpec] = None,
            start_options: Optional[dict[str, Any]] = None, fast: bool = True,
            backend: str = "serial", workers: Optional[int] = None, ray_address: Optional[str] = None,
+           device: Union[None, str, torch.device] = None, population_batch: Union[None, int, str] = None,
            **config_options: Any) -> EvolutionResult:
     """Evolve rounding genes for ``qmodel`` on the validation split; re-score on test afterwards.
 
@@ -209,7 +211,47 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
     Ray actors (``ray_address`` joins a Ray cluster), registered as ``toolbox.map``; each worker
     gets the evaluator once. Results are identical to ``backend="serial"`` for every number of
     workers (see :mod:`deap_quant.parallel`).
+
+    ``device="cpu" | "cuda" | "cuda:N" | torch.device`` runs the search there: the quantized model
+    (and ``float_model``) are moved to it for the call and moved back afterwards; the evaluators
+    follow the model (data moved once, activation caches on the device). ``None`` (default) keeps
+    the model's own device. A device this machine does not have is a ``ValueError`` naming those it
+    has. Checkpoints and results hold genes and fitness values only: a run written on one device
+    resumes on another (fitness values computed on different devices may differ in the last bits).
+
+    ``population_batch=K`` (an integer, or ``"auto"``: from free memory) evaluates each generation
+    with a :class:`~deap_quant.evaluation.BatchedEvaluator` registered as ``toolbox.map`` (the
+    offspring together, ``K`` at a time, stacked on CUDA): the same fitness values, selection, hall
+    of fame and logbook as one at a time. With ``backend="processes" | "ray"`` each worker batches
+    its share. A ``BatchedEvaluator`` passed as ``evaluator=`` is used the same way.
     """
+    if device is not None:
+        target = resolve_device(device, qmodel.module)
+        moved = [(module, model_placement(module)[0]) for module in (qmodel.module, float_model)
+                 if module is not None and model_placement(module)[0] not in (None, target)]
+        for module, _ in moved:
+            module.to(target)
+        try:
+            return evolve(qmodel, val, test, config=config, evaluator=evaluator, test_evaluator=test_evaluator,
+                          metric=metric, batch_size=batch_size, toolbox=toolbox, float_model=float_model,
+                          callback=callback, progress=progress, checkpoint=checkpoint,
+                          checkpoint_every=checkpoint_every, resume=resume, run_info=run_info, start=start,
+                          calibration=calibration, start_options=start_options, fast=fast, backend=backend,
+                          workers=workers, ray_address=ray_address, population_batch=population_batch,
+                          **config_options)
+        finally:
+            for module, origin in reversed(moved):
+                module.to(origin)
+    if population_batch is not None:
+        if evaluator is not None:
+            raise ValueError("population_batch applies to the evaluator evolve builds; with evaluator=..., pass a "
+                             "BatchedEvaluator(..., population_batch=K) instead")
+        if not fast:
+            raise ValueError(f"population_batch={population_batch!r} needs the fast evaluator (fast=True)")
+        if population_batch != "auto" and (isinstance(population_batch, bool) or not isinstance(population_batch, int)
+                                           or population_batch < 1):
+            raise ValueError(f"population_batch={population_batch!r} is not valid; use an integer >= 1, 'auto' "
+                             "or None")
     if config is not None and config_options:
         raise TypeError("pass either config= or keyword options, not both")
     resumed = None
@@ -227,7 +269,11 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
     if evaluator is None:
         if val is None:
             raise ValueError("evolve needs validation data (val=...) or an evaluator")
-        evaluator = (IncrementalEvaluator if fast else Evaluator)(qmodel, val, metric=metric, batch_size=batch_size)
+        if population_batch is not None:
+            evaluator = BatchedEvaluator(qmodel, val, metric=metric, batch_size=batch_size,
+                                         population_batch=population_batch)
+        else:
+            evaluator = (IncrementalEvaluator if fast else Evaluator)(qmodel, val, metric=metric, batch_size=batch_size)
     start_info = None
     if start is not None:  # before the toolbox: residual-guided sampling reads the rebased residuals
         rounding = resolve_start(start, qmodel, evaluator=evaluator, calibration=calibration,
@@ -242,6 +288,8 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
     own_map = toolbox.map
     if backend != "serial":  # on "serial" a user's toolbox keeps its own map
         toolbox.register("map", parallel)
+    elif isinstance(evaluator, BatchedEvaluator) and getattr(own_map, "func", own_map) is map:
+        toolbox.register("map", evaluator.map)  # the offspring of a generation in one call
     _seed_everything(config.seed)
     started = time.perf_counter()
     evaluations = 0
@@ -386,5 +434,8 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
                  "n_weights": sum(layer.numel for layer in qmodel.layer_table()),
                  "layers": [layer.to_dict() for layer in qmodel.layer_table()],
                  "torch_threads": torch.get_num_threads(), "parallel": parallel_info,
+                 "device": str(model_placement(qmodel.module)[0] or "cpu"),
+                 "population_batch": (evaluator.batching_stats() if isinstance(evaluator, BatchedEvaluator)
+                                      else None),
                  "resumed_from_generation": None if resumed is None else resumed.generation, **extra},
     )

@@ -27,6 +27,7 @@ from .base import (
     ParallelMap,
     WorkerError,
     WorkersLostError,
+    batched_target,
     plan_batch_size,
 )
 from .processes import ProcessMap, default_workers
@@ -35,7 +36,7 @@ from .serial import SerialMap
 
 __all__ = ["make_map", "BACKENDS", "START_METHODS", "DEFAULT_START_METHOD", "MapConfig", "EvaluationMap",
            "ParallelMap", "SerialMap", "ProcessMap", "RayMap", "WorkersLostError", "WorkerError", "plan_batch_size",
-           "default_workers", "ray_available", "import_ray", "RAY_INSTALL_HINT"]
+           "default_workers", "ray_available", "import_ray", "RAY_INSTALL_HINT", "batched_target"]
 
 
 def make_map(backend: str = "serial", workers: Optional[int] = None, evaluator: Optional[Callable[[Any], Any]] = None,

@@ -11,6 +11,11 @@ measured at start-up and refined afterwards) stays below ``overhead_target`` (5 
 measured evaluation time of a batch, but never so large that a worker sits idle while another
 has two batches (``ceil(n / workers)`` at most).
 
+A population-batched evaluator (one with ``evaluate_many``, e.g.
+:class:`~deap_quant.evaluation.BatchedEvaluator`; see :func:`batched_target`) gets each worker's
+whole share of a call, ``ceil(n / workers)`` items, as one batch and evaluates it with one
+``evaluate_many`` call: one batched evaluator per worker, each with its own cache.
+
 Faults: a worker that dies while it holds a batch (killed process, lost Ray actor) is dropped
 and its batch goes back to the queue to be re-run on a live worker; every result is written
 once, from the one successful run of its batch. Only when no worker is left does the call fail
@@ -28,6 +33,7 @@ before they evaluate.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import multiprocessing
@@ -41,7 +47,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 __all__ = ["BACKENDS", "START_METHODS", "DEFAULT_START_METHOD", "MapConfig", "EvaluationMap", "ParallelMap",
-           "WorkersLostError", "WorkerError", "WorkerDied", "run_batch", "plan_batch_size", "share_memory"]
+           "WorkersLostError", "WorkerError", "WorkerDied", "run_batch", "plan_batch_size", "share_memory",
+           "batched_target"]
 
 BACKENDS = ("serial", "processes", "ray")
 START_METHODS = ("spawn", "forkserver")
@@ -155,19 +162,33 @@ def _rejecting_target(func: Any) -> Any:
     return None
 
 
+def batched_target(func: Any) -> Any:
+    """The population-batched evaluator ``func`` is (or ``toolbox.evaluate`` registered as), if any: an
+    object with ``evaluate_many(items)`` (a :class:`~deap_quant.evaluation.BatchedEvaluator`); else ``None``."""
+    if isinstance(func, functools.partial) and not func.args and not func.keywords:
+        func = func.func
+    return func if callable(getattr(func, "evaluate_many", None)) else None
+
+
 def share_memory(func: Any, share: int) -> None:
     """Worker side: an activation cache sized by default (``cache_bytes=None``) takes ``1/share`` of its share.
 
     ``share`` workers of one map run on this machine; each would otherwise take the default
-    fraction of the available memory for itself. Fitness values do not depend on the budget.
+    fraction of the available memory for itself (the host's, or the GPU's for a model on CUDA).
+    Fitness values do not depend on the budget.
     """
     if share <= 1:
         return
     from ..evaluation.cache import DEFAULT_CACHE_FRACTION, default_budget
+    from ..evaluation.evaluator import model_placement
 
     for candidate in _behind(func):
         if "cache_bytes" in getattr(candidate, "__dict__", {}) and candidate.cache_bytes is None:
-            candidate.cache_bytes = default_budget(DEFAULT_CACHE_FRACTION / share)
+            module = getattr(getattr(candidate, "qmodel", None), "module", None)
+            device = model_placement(module)[0] if module is not None else None
+            candidate.cache_bytes = default_budget(DEFAULT_CACHE_FRACTION / share, device=device)
+        if "memory_share" in getattr(candidate, "__dict__", {}):  # a population batch sized from free memory
+            candidate.memory_share = share
 
 
 def driver_state(func: Any) -> Optional[dict[str, Any]]:
@@ -184,7 +205,8 @@ def run_batch(func: Callable[[Any], Any], items: Sequence[Any],
         if target is not None and target.threshold != state["threshold"]:
             target.reject_below(state["threshold"])
     started = time.perf_counter()
-    values = [func(item) for item in items]
+    batched = batched_target(func)
+    values = batched.evaluate_many(items) if batched is not None else [func(item) for item in items]
     return values, time.perf_counter() - started
 
 
@@ -354,9 +376,12 @@ class ParallelMap(EvaluationMap):
         if not items:
             return []
         key = self._key_of(func)
-        size = self.config.batch_size or plan_batch_size(
-            len(items), max(1, len(self._live)), self.overhead_seconds or 0.0,
-            self.eval_seconds if self.eval_seconds is not None else math.inf, self.config.overhead_target)
+        if self.config.batch_size is None and batched_target(func) is not None:  # each worker batches its share
+            size = math.ceil(len(items) / max(1, len(self._live)))
+        else:
+            size = self.config.batch_size or plan_batch_size(
+                len(items), max(1, len(self._live)), self.overhead_seconds or 0.0,
+                self.eval_seconds if self.eval_seconds is not None else math.inf, self.config.overhead_target)
         self.last_batch_size = size
         batches = [items[i:i + size] for i in range(0, len(items), size)]
         timings: list[tuple[float, float]] = []
