@@ -339,3 +339,17 @@ def test_adaround_default_is_stronger_and_steps_and_lr_are_checked():
                        ({"steps": True}, "steps=True"), ({"lr": True}, "lr=True"), ({"lr": float("inf")}, "lr=inf")):
         with pytest.raises(ValueError, match=match):
             AdaRoundConfig(**bad)
+
+
+@pytest.mark.parametrize("convert", ["double", "bfloat16"])
+def test_adaround_follows_a_converted_model_and_finds_the_same_rounding(tiny_model, tiny_data, convert):
+    """AdaRound works where and in whatever dtype the model is: it optimises in float32 on the model's
+    device, so a model converted after quantizing gets the rounding of the float32 one."""
+    inputs, _ = tiny_data
+    reference = quantize(tiny_model, bits=3)
+    converted = copy.deepcopy(reference)
+    getattr(converted.module, convert)()
+    expected = adaround(reference, inputs, steps=30, samples=32, seed=0).states
+    found = adaround(converted, inputs, steps=30, samples=32, seed=0).states
+    assert all(torch.equal(a, b) for a, b in zip(found, expected))
+    assert next(converted.module.parameters()).dtype == getattr(torch, convert)  # the model is left as it was

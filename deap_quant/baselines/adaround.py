@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 
-from ..evaluation.evaluator import DataSpec
+from ..evaluation.evaluator import DataSpec, model_placement
 from ..evaluation.teacher import calibration_inputs
 from ..quantization.fold import fold_bn
 from ..quantization.grids import UniformGrid
@@ -284,7 +284,9 @@ def _round_layer(module: nn.Module, grid: UniformGrid, position: torch.Tensor, i
                  post: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """AdaRound one layer; ``targets`` are already after ``post`` (the following activation)."""
     shape = grid.layout.broadcast_shape()
-    scale, zero = grid.scale.view(shape), grid.zero_point.view(shape)
+    device = inputs.device  # everything lives where the layer runs
+    scale, zero = grid.scale.view(shape).to(device), grid.zero_point.view(shape).to(device)
+    position = position.to(device)
     low = position.floor()
     v = _initial_v(position - low).requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=config.lr)
@@ -327,7 +329,7 @@ def _round_layer(module: nn.Module, grid: UniformGrid, position: torch.Tensor, i
     stats = {"nearest_error": nearest_error, "adaround_error": rounded_error,
              "flipped_vs_nearest": int((states != nearest).sum()), "undecided": undecided,
              "undecided_fraction": undecided / max(h.numel(), 1)}
-    return states.to(torch.uint8), stats
+    return states.to("cpu", torch.uint8), stats
 
 
 def _float_network(qmodel: QuantizedModel, float_model: Optional[nn.Module]) -> nn.Module:
@@ -367,15 +369,17 @@ def adaround(qmodel: QuantizedModel, calibration: Union[DataSpec, torch.Tensor],
             raise ValueError(f"AdaRound needs uniform grids; layer {layer} ({qmodel.layers[layer].name}) has a "
                              f"{grid.kind} grid (quantize with scheme='uniform')")
     started = time.perf_counter()
-    inputs = calibration_inputs(calibration, config.samples, config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    # AdaRound optimises in float32 on the model's device, whatever dtype the model was converted to
+    device = model_placement(qmodel.module)[0] or torch.device("cpu")
+    inputs = calibration_inputs(calibration, config.samples, config.seed).to(device, torch.float32)
+    generator = torch.Generator().manual_seed(config.seed)  # on the CPU: the same draws on every device
     # a private copy, with the model's input quantizers; its weights become AdaRound's, layer by layer
-    quantized_net = float_module(qmodel, input_quantizers=True)
+    quantized_net = float_module(qmodel, input_quantizers=True).to(device, torch.float32)
     with torch.no_grad():
         quantized_modules = dict(quantized_net.named_modules())
         for layer, info in enumerate(qmodel.layers):  # start from the model's current rounding
             quantized_modules[info.name].weight.data.copy_(qmodel.grids[layer].dequantize(qmodel.base_states(layer)))
-    float_net = _float_network(qmodel, float_model)
+    float_net = _float_network(qmodel, float_model).to(device, torch.float32)
     float_modules = dict(float_net.named_modules())
     missing = [info.name for info in qmodel.layers if info.name not in float_modules]
     if missing:
@@ -390,7 +394,7 @@ def adaround(qmodel: QuantizedModel, calibration: Union[DataSpec, torch.Tensor],
             if config.target == "asymmetric":
                 targets = _capture(float_net, float_modules[info.name], inputs, "output", config.capture_batch_size)
             else:
-                targets = functional_call(module, {"weight": float_weights(qmodel, layer)}, (layer_inputs,))
+                targets = functional_call(module, {"weight": float_weights(qmodel, layer).to(device)}, (layer_inputs,))
             targets = torch.cat([post(targets[start:start + config.capture_batch_size])
                                  for start in range(0, len(targets), config.capture_batch_size)])
         state, stats = _round_layer(module, qmodel.grids[layer], grid_position(qmodel, layer), layer_inputs,
