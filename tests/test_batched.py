@@ -342,6 +342,20 @@ def test_cli_device_option(tmp_path, digits_zoo, capsys):
     assert content["details"]["device"] == "cpu"
 
 
+def test_cli_population_batch_gives_the_one_at_a_time_run(tmp_path, digits_zoo, capsys):
+    tiny = ["--mu", "4", "--lambda", "6", "--ngen", "2", "--no-progress", "--bits", "2"]
+    for flag, folder in (([], "plain"), (["--population-batch", "auto"], "auto"), (["--population-batch", "3"], "k3")):
+        assert main(["run", *flag, "--out", str(tmp_path / folder), *tiny]) == 0
+    read = {folder: json.loads((tmp_path / folder / "results.json").read_text())
+            for folder in ("plain", "auto", "k3")}
+    for folder in ("auto", "k3"):
+        assert read[folder]["hall_of_fame"] == read["plain"]["hall_of_fame"]
+        assert read[folder]["best"] == read["plain"]["best"]
+        assert read[folder]["details"]["population_batch"] is not None
+    assert main(["run", "--population-batch", "0", "--out", str(tmp_path / "x"), *tiny]) == 2
+    assert "0 is not valid" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_batched_equals_one_at_a_time_and_streams(problem, tmp_path):
     qmodel, val = problem
