@@ -53,7 +53,7 @@ def _positive(text: str) -> int:
 
 
 def _population_batch(text: str) -> Any:
-    return "auto" if text == "auto" else _positive(text)
+    return text if text in ("auto", "off") else _positive(text)
 
 
 def _non_negative(text: str) -> int:
@@ -181,10 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, metavar="DEVICE",
                      help="cpu, cuda or cuda:N: where the model, validation data and caches live during the search "
                           "(default: the model's own, the CPU for zoo models); may change on --resume")
-    parallel.add_argument("--population-batch", default=None, type=_population_batch, metavar="K|auto",
+    parallel.add_argument("--population-batch", default=None, type=_population_batch, metavar="K|auto|off",
                           help="evaluate each generation's offspring together, K at a time (auto: from free memory), "
-                               "scheduled by cached ancestor and stacked on CUDA; the same results (default: one at "
-                               "a time)")
+                               "scheduled by cached ancestor and stacked on CUDA; off: one at a time; the same "
+                               "results either way (default: auto)")
 
     export = commands.add_parser("export", help="write the evolved quantized model of a run folder to one file")
     export.add_argument("dir", metavar="DIR", help="the --out folder of a finished deap-quant run")
@@ -313,7 +313,9 @@ def _command_run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, float_model=model, progress=not args.no_progress,
                     checkpoint=out_dir if checkpointing else None, checkpoint_every=args.checkpoint_every,
                     resume=args.resume, run_info=run_info, backend=args.backend, workers=args.workers,
-                    ray_address=args.ray_address, device=args.device, population_batch=args.population_batch)
+                    ray_address=args.ray_address, device=args.device,
+                    **({} if args.population_batch is None else
+                       {"population_batch": None if args.population_batch == "off" else args.population_batch}))
     result.config["model"] = name
     paths = write_results(result, out_dir)
     print(format_table(result.to_dict()))

@@ -39,6 +39,15 @@ __all__ = ["EvolutionConfig", "EvolutionResult", "evolve", "ALGORITHMS"]
 ALGORITHMS = ("mu+lambda", "mu,lambda", "simple", "nsga2")
 
 
+class _Default:
+    """``evolve``'s default ``population_batch``: ``"auto"`` where evolve builds the fast evaluator, else none."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+_DEFAULT_BATCH = _Default()
+
 @dataclass(frozen=True)
 class EvolutionConfig:
     """Parameters of the evolutionary search; checked on construction."""
@@ -165,7 +174,8 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
            start: StartSpec = None, calibration: Optional[DataSpec] = None,
            start_options: Optional[dict[str, Any]] = None, fast: bool = True,
            backend: str = "serial", workers: Optional[int] = None, ray_address: Optional[str] = None,
-           device: Union[None, str, torch.device] = None, population_batch: Union[None, int, str] = None,
+           device: Union[None, str, torch.device] = None,
+           population_batch: Union[None, int, str, _Default] = _DEFAULT_BATCH,
            **config_options: Any) -> EvolutionResult:
     """Evolve rounding genes for ``qmodel`` on the validation split; re-score on test afterwards.
 
@@ -223,7 +233,10 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
     with a :class:`~deap_quant.evaluation.BatchedEvaluator` registered as ``toolbox.map`` (the
     offspring together, ``K`` at a time, stacked on CUDA): the same fitness values, selection, hall
     of fame and logbook as one at a time. With ``backend="processes" | "ray"`` each worker batches
-    its share. A ``BatchedEvaluator`` passed as ``evaluator=`` is used the same way.
+    its share. A ``BatchedEvaluator`` passed as ``evaluator=`` is used the same way. By default
+    (``population_batch`` not given) it is ``"auto"`` whenever evolve builds the fast evaluator
+    itself; ``None`` evaluates one at a time with the
+    :class:`~deap_quant.evaluation.IncrementalEvaluator`.
     """
     if device is not None:
         target = resolve_device(device, qmodel.module)
@@ -242,7 +255,9 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
         finally:
             for module, origin in reversed(moved):
                 module.to(origin)
-    if population_batch is not None:
+    if population_batch is _DEFAULT_BATCH:  # batched wherever evolve builds the fast evaluator itself
+        population_batch = "auto" if evaluator is None and fast else None
+    elif population_batch is not None:
         if evaluator is not None:
             raise ValueError("population_batch applies to the evaluator evolve builds; with evaluator=..., pass a "
                              "BatchedEvaluator(..., population_batch=K) instead")

@@ -344,11 +344,12 @@ def test_cli_device_option(tmp_path, digits_zoo, capsys):
 
 def test_cli_population_batch_gives_the_one_at_a_time_run(tmp_path, digits_zoo, capsys):
     tiny = ["--mu", "4", "--lambda", "6", "--ngen", "2", "--no-progress", "--bits", "2"]
-    for flag, folder in (([], "plain"), (["--population-batch", "auto"], "auto"), (["--population-batch", "3"], "k3")):
+    runs = (["--population-batch", "off"], "plain"), ([], "default"), (["--population-batch", "3"], "k3")
+    for flag, folder in runs:
         assert main(["run", *flag, "--out", str(tmp_path / folder), *tiny]) == 0
-    read = {folder: json.loads((tmp_path / folder / "results.json").read_text())
-            for folder in ("plain", "auto", "k3")}
-    for folder in ("auto", "k3"):
+    read = {folder: json.loads((tmp_path / folder / "results.json").read_text()) for _, folder in runs}
+    assert read["plain"]["details"]["population_batch"] is None  # off: one at a time
+    for folder in ("default", "k3"):  # batched by default
         assert read[folder]["hall_of_fame"] == read["plain"]["hall_of_fame"]
         assert read[folder]["best"] == read["plain"]["best"]
         assert read[folder]["details"]["population_batch"] is not None
