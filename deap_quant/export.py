@@ -125,8 +125,7 @@ def _content(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], *, recipe: 
 
 def _activation_state(qmodel: QuantizedModel, layer: int) -> Optional[dict[str, Any]]:
     """The layer's input quantizer (``act_bits``) as plain values, or ``None``."""
-    quantizers = getattr(qmodel, "act_quantizers", None)
-    quantizer = quantizers[layer] if quantizers else None
+    quantizer = qmodel.act_quantizers[layer]
     return None if quantizer is None else quantizer.to_state()
 
 

@@ -149,7 +149,7 @@ def _layer_nodes(graph: Any, weight: str) -> list[tuple[Any, int]]:
 
 def _metadata(qmodel: QuantizedModel, genes: list, encodings: list[_WeightEncoding]) -> dict[str, Any]:
     from . import __version__
-    quantizers = getattr(qmodel, "act_quantizers", None) or [None] * len(qmodel.layers)
+    quantizers = qmodel.act_quantizers
     return {
         "deap_quant": __version__, "torch": torch.__version__, "genes": len(genes),
         "quantization": json.loads(json.dumps(dict(qmodel.config), default=str)),
@@ -185,7 +185,7 @@ def onnx_bytes(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], sample_in
     if any(tensor.device.type != "cpu" for tensor in module.state_dict().values()):
         module = module.to("cpu")
     module.eval()
-    if getattr(qmodel, "act_quantizers", None) and any(q is not None for q in qmodel.act_quantizers):
+    if any(q is not None for q in qmodel.act_quantizers):
         from .quantization.activations import remove_input_quantizers
         remove_input_quantizers(module)  # put back below as QDQ nodes
     for name in names:
@@ -214,7 +214,7 @@ def onnx_bytes(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], sample_in
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{number}"
         seen.add(node.name)
-    quantizers = getattr(qmodel, "act_quantizers", None) or [None] * len(names)
+    quantizers = qmodel.act_quantizers
     for name, info, encoding, quantizer in zip(names, qmodel.layers, encodings, quantizers):
         weight = f"{name}.weight" if name else "weight"
         if weight not in initializers:

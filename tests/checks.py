@@ -55,3 +55,13 @@ def _leaves(output: Any) -> list[torch.Tensor]:
 def _same(a: Any, b: Any) -> bool:
     left, right = _leaves(a), _leaves(b)
     return len(left) == len(right) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(left, right))
+
+
+def run_fingerprint(result: Any) -> dict:
+    """What must not depend on how fitness was computed (backend, batching): hall of fame, final
+    population, logbook without wall times, best, evaluations."""
+    def members(individuals):
+        return [([tuple(gene) for gene in ind], ind.fitness.values) for ind in individuals]
+    return {"hall_of_fame": members(result.hall_of_fame), "population": members(result.population),
+            "logbook": [{k: v for k, v in record.items() if k != "seconds"} for record in result.logbook],
+            "best": result.best, "evaluations": result.evaluations}

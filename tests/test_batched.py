@@ -22,6 +22,7 @@ from deap_quant.cli import main
 from deap_quant.evaluation import Stage, StreamedBatches, resolve_device
 from deap_quant.evaluation import batched as batched_module
 
+from .checks import run_fingerprint as fingerprint
 from .conftest import make_tiny_model
 from .test_incremental import lineage
 
@@ -39,15 +40,6 @@ def problem():
     with torch.no_grad():
         targets = model(inputs).argmax(dim=1)
     return quantize(model, bits=2), (inputs, targets)
-
-
-def fingerprint(result: dq.EvolutionResult) -> dict:
-    """What batching must not change: hall of fame, population, logbook without wall times, best, evaluations."""
-    def members(individuals):
-        return [([tuple(gene) for gene in ind], ind.fitness.values) for ind in individuals]
-    return {"hall_of_fame": members(result.hall_of_fame), "population": members(result.population),
-            "logbook": [{k: v for k, v in record.items() if k != "seconds"} for record in result.logbook],
-            "best": result.best, "evaluations": result.evaluations}
 
 
 @pytest.fixture(scope="module")

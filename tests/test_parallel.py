@@ -19,11 +19,11 @@ from deap_quant.parallel import MapConfig, WorkersLostError, make_map, plan_batc
 from deap_quant.parallel.base import share_memory
 from deap_quant.quantization import GeneError
 
+from .checks import run_fingerprint as fingerprint
 from .conftest import make_tiny_model
 
 #: A small (mu+lambda) run; validation batches of 8 so that early rejection can stop an evaluation.
 SEARCH = {"mu": 6, "lambda_": 12, "ngen": 4, "seed": 5, "init_genes": 4, "batch_size": 8, "progress": False}
-WALL_TIME_COLUMNS = ("seconds",)
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +34,6 @@ def problem():
     with torch.no_grad():
         targets = model(inputs).argmax(dim=1)
     return dq.quantize(model, bits=2), (inputs, targets)
-
-
-def fingerprint(result: dq.EvolutionResult) -> dict:
-    """What must not depend on the backend: hall of fame, logbook without wall times, final population."""
-    def members(individuals):
-        return [([tuple(gene) for gene in ind], ind.fitness.values) for ind in individuals]
-    return {"hall_of_fame": members(result.hall_of_fame), "population": members(result.population),
-            "logbook": [{k: v for k, v in record.items() if k not in WALL_TIME_COLUMNS} for record in result.logbook],
-            "best": result.best, "evaluations": result.evaluations}
 
 
 @pytest.fixture(scope="module")

@@ -67,10 +67,10 @@ from torch import nn
 from ..quantization.model import SUPPORTED_DEVICES, QuantizedModel
 from .cache import CacheEntry, available_memory, state_bytes
 from .evaluator import DataSpec, inputs_do_not_fit, materialize, model_placement, place
-from .incremental import IncrementalEvaluator, Outcome, _upper_bound
+from .incremental import IncrementalEvaluator, Outcome, _batch_length, _upper_bound
 from .metrics import MetricSpec
 from .rows import identical_bits, row_structured, shapes
-from .stages import StageSpec, StageSplit
+from .stages import StageSpec, StageSplit, tensors_in
 
 __all__ = ["BatchedEvaluator", "StreamedBatches", "resolve_device", "available_devices", "free_memory",
            "WORK_FRACTION", "DATA_FRACTION", "AUTO_MAX", "STREAM_KEEP", "STACK_MODES"]
@@ -147,10 +147,8 @@ def free_memory(device: Optional[torch.device]) -> Optional[int]:
 
 # ---------------------------------------------------------------------------- nested values
 def _leaves(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value
-    return [leaf for item in items for leaf in _leaves(item)]
+    """The tensors of a nested value, in order."""
+    return list(tensors_in(value))
 
 
 def _rebuild(value: Any, leaves: Iterable[torch.Tensor]) -> Any:
@@ -177,31 +175,30 @@ def _is_nested_tensors(value: Any) -> bool:
     return False
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` (nested tuples, lists, dicts) with ``function`` applied to every tensor in it."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=value.is_pinned())
+        return function(value)
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_to_device(item, device) for item in value)
+        return type(value)(_map_tensors(item, function) for item in value)
     if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
+        return {key: _map_tensors(item, function) for key, item in value.items()}
     return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return _map_tensors(value, lambda tensor: tensor.to(device, non_blocking=tensor.is_pinned()))
+
+
+def _pin(tensor: torch.Tensor) -> torch.Tensor:
+    try:
+        return tensor.pin_memory()
+    except RuntimeError:  # no CUDA driver to pin with: plain host memory still works
+        return tensor
 
 
 def _pinned(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        try:
-            return value.pin_memory()
-        except RuntimeError:  # no CUDA driver to pin with: plain host memory still works
-            return value
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_pinned(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _pinned(item) for key, item in value.items()}
-    return value
-
-
-def _length(targets: Any) -> int:
-    return len(targets) if hasattr(targets, "__len__") else 1
+    return _map_tensors(value, _pin)
 
 
 class StreamedBatches(Sequence):
@@ -403,7 +400,7 @@ class BatchedEvaluator(IncrementalEvaluator):
     def _data_fits(self, device: torch.device, dtype: Optional[torch.dtype]) -> bool:
         size = 0
         for inputs, targets in self._batches:
-            for tensor in (*_leaves_of(inputs), *_leaves_of(targets)):
+            for tensor in (*_leaves(inputs), *_leaves(targets)):
                 itemsize = (torch.empty((), dtype=dtype).element_size()
                             if dtype is not None and tensor.is_floating_point() else tensor.element_size())
                 size += tensor.numel() * itemsize
@@ -424,7 +421,7 @@ class BatchedEvaluator(IncrementalEvaluator):
     def _lengths(self) -> list[int]:
         if self._batches is None:
             self._batches = materialize(self.data, self.batch_size)
-        return [_length(targets) for _, targets in self._batches]
+        return [_batch_length(batch) for batch in self._batches]
 
     @property
     def n_samples(self) -> int:
@@ -992,12 +989,3 @@ class BatchedEvaluator(IncrementalEvaluator):
             state.pop(name, None)
         return state
 
-
-def _leaves_of(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [leaf for item in value for leaf in _leaves_of(item)]
-    if isinstance(value, dict):
-        return [leaf for item in value.values() for leaf in _leaves_of(item)]
-    return []

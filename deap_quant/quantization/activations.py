@@ -230,13 +230,12 @@ def calibrate_activations(module: nn.Module, names: Sequence[str], inputs: torch
     for name, watcher in zip(names, observers):
         _remove_hooks(modules[name])
         handles.append(modules[name].register_forward_pre_hook(watcher))
-    parameter = next(module.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    from ..evaluation.evaluator import model_placement, place  # (evaluation imports this package)
+    device, dtype = model_placement(module)
     try:
         with torch.no_grad():
             for start in range(0, len(inputs), batch_size):
-                module(inputs[start:start + batch_size].to(device, dtype))
+                module(place(inputs[start:start + batch_size], device, dtype))
     finally:
         for handle in handles:
             handle.remove()
