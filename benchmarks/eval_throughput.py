@@ -25,6 +25,10 @@ quantized to 4 bits, it measures:
     compared with (c)'s, and its population, hall of fame, logbook and fitness values with the
     plain evaluator's.
 
+The *reuse bound* (:meth:`deap_quant.IncrementalEvaluator.reuse_bound`) replays the run's genomes, in
+order, against an unlimited cache with stages weighted by their measured time: the most that any exact
+evaluator resuming from cached activations could gain on this run over one forward pass per genome.
+
 ``--device cuda`` moves the quantized model there (the evaluators follow it with the data).
 (a) and (b) are timed alternately after (c) and (d) (medians), so load changes on a shared machine hit
 them alike; wall-clock and CPU-time ratios are both reported. It prints evaluations per second,
@@ -226,6 +230,7 @@ def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_
     same_run = decisions(fast_result) == decisions(plain_result)
     fitness = compare_fitness(fast, plain)
     identical = same_run and fitness["identical"]
+    bound = fast.reuse_bound([genes for genes, _ in plain.record])
 
     batched_figures: dict[str, Any] = {}
     for size, batched, batched_result, batched_cpu in batched_runs:
@@ -283,6 +288,7 @@ def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_
         "fitness_check": fitness,
         "same_population_hall_of_fame_logbook": same_run,
         "batched": batched_figures,
+        "reuse_bound": bound,
         "device": str(resolve_device(None, qmodel.module)),
     }
     if batched_figures:
@@ -301,6 +307,10 @@ def bench_model(name: str, quick: bool, ngen: int, mu: int, lambda_: int, batch_
         f"{stats['subset_batches']}")
     log(f"    cache peak {figures['cache_mb']:.1f} MB of {figures['cache_budget_mb']:.0f} MB budget; "
         f"best val {fast_result.best['val']:.4f} (nearest {fast_result.baseline['val']:.4f})")
+    log(f"    reuse bound: even an unlimited cache must run {bound['work_fraction']:.1%} of the full forward work "
+        f"on this run's genomes: at most {bound['speedup_bound']:.2f}x a forward pass (fast: "
+        f"{figures['speedup_vs_forward']:.2f}x; best batched: "
+        f"{max([e['evals_per_second'] for e in batched_figures.values()] or [math.nan]) * forward:.2f}x)")
     log(f"    identical to the plain run: {identical} (population/hall of fame/logbook {same_run}; "
         f"{fitness['exact_equal']}/{fitness['exact']} fitness values equal, "
         f"{fitness['rejected_bounds_valid']}/{fitness['rejected']} rejection bounds valid)")

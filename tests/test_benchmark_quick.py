@@ -33,6 +33,9 @@ def test_quick_run_writes_the_documented_json_and_finds_identical_results(benchm
         assert figures["identical"] is True and figures["fitness_check"]["missing"] == 0
         assert figures["evaluations"] == figures["fitness_check"]["compared"] > 0
         assert figures["cache_mb"] <= figures["cache_budget_mb"]
+        bound = figures["reuse_bound"]  # replayed on the run's own genome stream
+        assert bound["genomes"] == figures["evaluations"] and 0.0 < bound["work_fraction"] <= 1.0
+        assert bound["speedup_bound"] == pytest.approx(1.0 / bound["work_fraction"])
     assert written["quick"] is True and written["machine"]["threads"] == 1
 
 

@@ -209,3 +209,34 @@ def test_bad_options_are_rejected(tiny_model, tiny_data):
     fast = IncrementalEvaluator(qmodel, tiny_data)
     with pytest.raises(ValueError, match="threshold"):
         fast.reject_below(float("nan"))
+
+
+def changing_gene(fast: IncrementalEvaluator, layer: int, index: int) -> tuple[int, int, int]:
+    """A gene that really moves weight ``index`` of ``layer`` (one level up or down, whichever is on the grid)."""
+    for offset in (1, -1):
+        if fast.genome_key([(layer, index, offset)]):
+            return layer, index, offset
+    raise AssertionError("no single-level move of this weight stays on the grid")
+
+
+def test_reuse_bound_counts_the_stages_an_unlimited_cache_must_rerun(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=3)
+    fast = IncrementalEvaluator(qmodel, tiny_data, batch_size=16)
+    assert len(fast.split) == 2 and 0 in fast._patches  # conv (patched) | linear
+    late, early = changing_gene(fast, 1, 5), changing_gene(fast, 0, 3)
+    genomes = [[late], [late], [early], [early, late]]
+    bound = fast.reuse_bound(genomes, costs=[1.0, 1.0])
+    # [late]: reruns the linear stage (1); again: memo (0); [early]: the patched conv is free, the
+    # linear stage reruns (1); [early, late]: resumes after [early]'s conv stage, reruns the linear (1)
+    assert bound["memo_hits"] == 1 and bound["genomes"] == 4
+    assert bound["work_fraction"] == pytest.approx(3 / 8)
+    assert bound["speedup_bound"] == pytest.approx(8 / 3)
+    # with a costly first stage, only genomes that change it pay for it: none here (it is patched)
+    assert fast.reuse_bound(genomes, costs=[10.0, 1.0])["work_fraction"] == pytest.approx(3 / 44)
+    costs = fast.stage_costs(repeats=1)
+    assert len(costs) == 2 and all(c > 0 for c in costs)
+    assert fast.reuse_bound(genomes)["speedup_bound"] >= 1.0
+    with pytest.raises(ValueError, match="one per stage"):
+        fast.reuse_bound(genomes, costs=[1.0])
+    with pytest.raises(ValueError, match="repeats=0"):
+        fast.stage_costs(repeats=0)

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -704,6 +705,63 @@ class IncrementalEvaluator(Evaluator):
             "stages": len(self._split) if self._split is not None else None,
             "cache": self._cache.stats() if self._cache is not None else None,
         }
+
+    # ------------------------------------------------------------------ how much reuse can give
+    def stage_costs(self, repeats: int = 3) -> list[float]:
+        """Seconds each stage of the split takes on the first validation batch (least of ``repeats`` runs),
+        under the evaluation's thread count."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats={repeats!r} is not valid; use an integer >= 1")
+        split = self._prepare()
+        costs = [math.inf] * len(split)
+        with self._threads_set(), torch.inference_mode():
+            for _ in range(repeats):
+                state = self.batches[0][0]
+                for index, stage in enumerate(split.stages):
+                    started = time.perf_counter()
+                    state = stage(state)
+                    costs[index] = min(costs[index], time.perf_counter() - started)
+        return costs
+
+    def reuse_bound(self, genomes: Iterable[Iterable[Sequence[int]]],
+                    costs: Optional[Sequence[float]] = None) -> dict[str, float]:
+        """The least work *any* evaluator that resumes from cached stage activations must do for ``genomes``.
+
+        ``genomes`` are gene lists in the order they were evaluated (a run's stream). The bound
+        assumes an unlimited cache: a genome seen before costs nothing; any other resumes from
+        whichever genome evaluated before it (or the model without genes) shares the longest
+        prefix of stages, recomputes every later stage in full, and its first changed stage is
+        free where a channel patch applies (optimistic). Stages are weighted by ``costs`` (default:
+        :meth:`stage_costs`). Samples skipped by row reuse and early rejection are not counted.
+
+        Returns ``work_fraction`` (work done, in full forward passes per genome) and
+        ``speedup_bound`` (``1 / work_fraction``: no such evaluator is faster than this multiple of
+        a full forward pass on this stream), with ``genomes`` and ``memo_hits``.
+        """
+        split = self._prepare()
+        costs = list(self.stage_costs() if costs is None else costs)
+        if len(costs) != len(split) or any(not c >= 0 for c in costs) or sum(costs) <= 0:
+            raise ValueError(f"costs={costs!r} is not valid; use {len(split)} non-negative numbers (one per stage), "
+                             "not all zero")
+        after = [sum(costs[index + 1:]) for index in range(len(costs))]
+        seen_prefixes = {tuple(self._signature(())[:length]) for length in range(len(split) + 1)}
+        seen_keys: set = set()
+        count = hits = 0
+        work = 0.0
+        for genes in genomes:
+            count += 1
+            key = self.genome_key(genes)
+            if key in seen_keys or not key:
+                hits += 1
+                continue
+            signature = self._signature(key)
+            first = max(length for length in range(len(split) + 1) if signature[:length] in seen_prefixes)
+            work += after[first] + (0.0 if first in self._patches else costs[first])
+            seen_keys.add(key)
+            seen_prefixes.update(signature[:length] for length in range(first + 1, len(split) + 1))
+        fraction = work / (count * sum(costs)) if count else 0.0
+        return {"genomes": count, "memo_hits": hits, "work_fraction": fraction,
+                "speedup_bound": 1.0 / fraction if fraction > 0 else math.inf}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
