@@ -38,6 +38,9 @@ from typing import Any, Optional
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import bit_list, model_list  # noqa: E402  (benchmarks/arguments.py)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULTS = {"weights": SHARED / "models" / "cifar10-resnet20.th", "cifar_root": SHARED / "cifar10"}
 MODELS = ("digits-cnn", "cifar10-resnet20")
@@ -143,13 +146,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a smoke run whose figures mean nothing")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models or any(m not in MODELS for m in models):
-        parser.error(f"--models {args.models!r} is not valid; use a comma-separated subset of {', '.join(MODELS)}")
-    try:
-        bits_list = [int(b) for b in args.bits.split(",") if b.strip()]
-    except ValueError:
-        parser.error(f"--bits {args.bits!r} is not valid; use comma-separated integers such as 4,3")
+    models = model_list(parser, args.models, MODELS)
+    bits_list = bit_list(parser, args.bits)
     if args.quick:
         args.seeds, args.adaround_steps, args.ngen = min(args.seeds, 1), min(args.adaround_steps, 20), min(args.ngen, 1)
     torch.set_num_threads(args.threads)

@@ -38,6 +38,9 @@ from typing import Any, Optional
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import bit_list, model_list  # noqa: E402  (benchmarks/arguments.py)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULTS = {"weights": SHARED / "models" / "cifar10-resnet20.th", "cifar_root": SHARED / "cifar10",
             "mnist_root": SHARED / "mnist"}
@@ -91,7 +94,6 @@ def _search_rows(zoo: Any, bits: int, seeds: int, only: list[str], settings: dic
 
 
 def _fast_vs_plain(ngen: int, quick: bool, bits: int, weights: str, data_root: str, log) -> dict[str, Any]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import eval_throughput
 
     eval_throughput.REAL_DATA.update(weights=weights, data_root=data_root)
@@ -120,15 +122,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--fast-ngen", type=int, default=10,
                         help="generations of the fast-vs-plain timing on cifar10-resnet20 (0: skip; default 10)")
     args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models or any(m not in MODELS for m in models):
-        parser.error(f"--models {args.models!r} is not valid; use a comma-separated subset of {', '.join(MODELS)}")
-    try:
-        bits_list = [int(b) for b in args.bits.split(",") if b.strip()]
-    except ValueError:
-        parser.error(f"--bits {args.bits!r} is not valid; use comma-separated integers from 2 to 8")
-    if not bits_list or any(not 2 <= b <= 8 for b in bits_list):
-        parser.error(f"--bits {args.bits!r} is not valid; use comma-separated integers from 2 to 8")
+    models = model_list(parser, args.models, MODELS)
+    bits_list = bit_list(parser, args.bits)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     if any(name not in SEARCHES for name in only):
         parser.error(f"--only {args.only!r} is not valid; use a subset of {','.join(SEARCHES)}")

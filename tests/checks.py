@@ -15,6 +15,9 @@ import torch
 
 from deap_quant import Evaluator
 
+#: A small (mu+lambda) run; validation batches of 8 so that early rejection can stop an evaluation.
+SEARCH = {"mu": 6, "lambda_": 12, "ngen": 4, "seed": 5, "init_genes": 4, "batch_size": 8, "progress": False}
+
 
 def assert_rescored(result: Any, qmodel: Any, val: Any, test: Any, metric: Any = "accuracy") -> None:
     """Baseline and best (val and test) equal a fresh plain evaluation of their genes, and the

@@ -77,3 +77,15 @@ def resnet_setup():
     with torch.no_grad():
         targets = model(inputs).argmax(1)
     return quantize(model, bits=4), (inputs, targets)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """The tiny model at 2 bits on 48 random inputs labelled by the float model (so rounding matters)."""
+    from deap_quant import quantize
+
+    model = make_tiny_model()
+    inputs = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        targets = model(inputs).argmax(dim=1)
+    return quantize(model, bits=2), (inputs, targets)

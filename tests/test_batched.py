@@ -22,24 +22,12 @@ from deap_quant.cli import main
 from deap_quant.evaluation import Stage, StreamedBatches, resolve_device
 from deap_quant.evaluation import batched as batched_module
 
+from .checks import SEARCH
 from .checks import run_fingerprint as fingerprint
 from .conftest import make_tiny_model
 from .test_incremental import lineage
 
 CUDA = torch.cuda.is_available()
-
-#: A small (mu+lambda) run; validation batches of 8 so that early rejection can stop an evaluation.
-SEARCH = {"mu": 6, "lambda_": 12, "ngen": 4, "seed": 5, "init_genes": 4, "batch_size": 8, "progress": False}
-
-
-@pytest.fixture(scope="module")
-def problem():
-    """The tiny model at 2 bits on 48 random inputs labelled by the float model (so rounding matters)."""
-    model = make_tiny_model()
-    inputs = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        targets = model(inputs).argmax(dim=1)
-    return quantize(model, bits=2), (inputs, targets)
 
 
 @pytest.fixture(scope="module")
