@@ -86,3 +86,19 @@ def test_deploy_table_quick_run_checks_every_row_in_onnxruntime(digits_zoo, tmp_
         assert 0.0 <= row["test"] <= 1.0 and 0.0 <= row["onnx_test"] <= 1.0
         assert abs(row["onnx_minus_deap_quant_samples"]) <= 1
     assert {entry["config"] for entry in written["by_bits"]["W4A8"]["summary"]} == set(table["ROWS"])
+
+
+def test_reuse_bound_quick_run_replays_the_recorded_stream(digits_zoo, tmp_path):
+    """benchmarks/reuse_bound.py --quick on digits-cnn: one row per operator set, a bound of at least 1x."""
+    script = runpy.run_path(str(BENCHMARK.with_name("reuse_bound.py")), run_name="reuse_bound")
+    path = tmp_path / "bound.json"
+    figures = script["main"](["--quick", "--models", "digits_cnn", "--json", str(path)])
+    rows = json.loads(path.read_text())["rows"]
+    assert rows == json.loads(json.dumps(figures["rows"]))
+    assert [(row["layer_choice"], row["sampler"]) for row in rows] == [("uniform", "residual"), ("size", "uniform")]
+    for row in rows:
+        assert row["genomes"] == 12 and len(row["stage_seconds"]) == row["stages"] > 1  # mu=4 + lambda=8
+        assert 0.0 < row["work_fraction"] <= 1.0 and row["speedup_bound"] >= 1.0
+        assert 0.0 < row["work_fraction_flops"] <= 1.0 and len(row["stage_flops"]) == row["stages"]
+    with pytest.raises(SystemExit):
+        script["main"](["--operators", "size:gaussian"])

@@ -233,6 +233,8 @@ def test_reuse_bound_counts_the_stages_an_unlimited_cache_must_rerun(tiny_model,
     assert bound["speedup_bound"] == pytest.approx(8 / 3)
     # with a costly first stage, only genomes that change it pay for it: none here (it is patched)
     assert fast.reuse_bound(genomes, costs=[10.0, 1.0])["work_fraction"] == pytest.approx(3 / 44)
+    # a first batch of 16 samples: conv 1->4 3x3 over 8x8 outputs, then linear 64->4 (2 FLOPs per MAC)
+    assert fast.stage_flops() == [2 * 16 * (4 * 8 * 8) * 9, 2 * 16 * 64 * 4]
     costs = fast.stage_costs(repeats=1)
     assert len(costs) == 2 and all(c > 0 for c in costs)
     assert fast.reuse_bound(genomes)["speedup_bound"] >= 1.0

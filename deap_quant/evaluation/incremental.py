@@ -723,6 +723,23 @@ class IncrementalEvaluator(Evaluator):
                     costs[index] = min(costs[index], time.perf_counter() - started)
         return costs
 
+    def stage_flops(self) -> list[int]:
+        """Floating-point operations of each stage on the first validation batch, as
+        :class:`torch.utils.flop_counter.FlopCounterMode` counts them (convolutions and matrix
+        products; element-wise operations count zero): a load-independent alternative to
+        :meth:`stage_costs`."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        split = self._prepare()
+        flops = []
+        with torch.inference_mode():
+            state = self.batches[0][0]
+            for stage in split.stages:
+                with FlopCounterMode(display=False) as counter:
+                    state = stage(state)
+                flops.append(int(counter.get_total_flops()))
+        return flops
+
     def reuse_bound(self, genomes: Iterable[Iterable[Sequence[int]]],
                     costs: Optional[Sequence[float]] = None) -> dict[str, float]:
         """The least work *any* evaluator that resumes from cached stage activations must do for ``genomes``.
@@ -732,7 +749,7 @@ class IncrementalEvaluator(Evaluator):
         whichever genome evaluated before it (or the model without genes) shares the longest
         prefix of stages, recomputes every later stage in full, and its first changed stage is
         free where a channel patch applies (optimistic). Stages are weighted by ``costs`` (default:
-        :meth:`stage_costs`). Samples skipped by row reuse and early rejection are not counted.
+        :meth:`stage_costs`; :meth:`stage_flops` is the load-independent choice). Samples skipped by row reuse and early rejection are not counted.
 
         Returns ``work_fraction`` (work done, in full forward passes per genome) and
         ``speedup_bound`` (``1 / work_fraction``: no such evaluator is faster than this multiple of
