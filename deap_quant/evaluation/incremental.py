@@ -745,11 +745,12 @@ class IncrementalEvaluator(Evaluator):
         """The least work *any* evaluator that resumes from cached stage activations must do for ``genomes``.
 
         ``genomes`` are gene lists in the order they were evaluated (a run's stream). The bound
-        assumes an unlimited cache: a genome seen before costs nothing; any other resumes from
-        whichever genome evaluated before it (or the model without genes) shares the longest
-        prefix of stages, recomputes every later stage in full, and its first changed stage is
-        free where a channel patch applies (optimistic). Stages are weighted by ``costs`` (default:
-        :meth:`stage_costs`; :meth:`stage_flops` is the load-independent choice). Samples skipped by row reuse and early rejection are not counted.
+        assumes an unlimited cache: a genome seen before, or one that changes no weight, costs
+        nothing (``memo_hits``); any other resumes from whichever genome evaluated before it (or
+        the model without genes) shares the longest prefix of stages, recomputes every later stage
+        in full, and its first changed stage is free where a channel patch applies (optimistic).
+        Stages are weighted by ``costs`` (default: :meth:`stage_costs`; :meth:`stage_flops` is the
+        load-independent choice). Samples skipped by row reuse and early rejection are not counted.
 
         Returns ``work_fraction`` (work done, in full forward passes per genome) and
         ``speedup_bound`` (``1 / work_fraction``: no such evaluator is faster than this multiple of
