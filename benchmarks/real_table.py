@@ -81,11 +81,13 @@ def _search_rows(zoo: Any, bits: int, seeds: int, only: list[str], settings: dic
     for entry in result.summary:
         mine = [row for row in result.rows if row["config"] == entry["config"]]
         evaluations = sum(row["evaluations"] for row in mine)
-        seconds = sum(row["seconds"] for row in mine)
+        # the search's own time: a row's seconds include computing its start rounding (AdaRound)
+        seconds = sum(row.get("details", {}).get("search_seconds", row["seconds"]) for row in mine)
         rows.append({"config": entry["config"], "bits": bits, "val_mean": entry["val_mean"],
                      "test_mean": entry["test_mean"], "test_std": entry["test_std"], "n": entry["n"],
                      "seconds": entry["seconds_mean"],
                      "evals_per_second": evaluations / seconds if evaluations and seconds > 0 else None,
+                     "search_seconds": seconds / len(mine) if mine else None,
                      "test_by_seed": [row["test"] for row in mine]})
         log(f"  {entry['config']:<34} val {entry['val_mean']:.4f}  test {entry['test_mean']:.4f} ± "
             f"{entry['test_std']:.4f}  ({entry['seconds_mean']:.0f} s per seed)")

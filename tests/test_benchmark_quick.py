@@ -71,6 +71,7 @@ def test_real_table_quick_run_writes_the_documented_json(tmp_path):
             assert 0.0 <= row["test_mean"] <= 1.0
     search = written["rows"][5]
     assert search["evals_per_second"] > 0 and search["val_mean"] >= written["rows"][3]["val_mean"]
+    assert 0 < search["search_seconds"] <= search["seconds"]  # evaluations/s count the search's own time
 
 
 def test_deploy_table_quick_run_checks_every_row_in_onnxruntime(digits_zoo, tmp_path):
