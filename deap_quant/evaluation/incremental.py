@@ -762,7 +762,8 @@ class IncrementalEvaluator(Evaluator):
             raise ValueError(f"costs={costs!r} is not valid; use {len(split)} non-negative numbers (one per stage), "
                              "not all zero")
         after = [sum(costs[index + 1:]) for index in range(len(costs))]
-        seen_prefixes = {tuple(self._signature(())[:length]) for length in range(len(split) + 1)}
+        unchanged = self._signature(())  # the model without genes: cached from the start
+        seen_prefixes = {unchanged[:length] for length in range(len(split) + 1)}
         seen_keys: set = set()
         count = hits = 0
         work = 0.0
