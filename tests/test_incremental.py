@@ -11,6 +11,7 @@ from torch import nn
 
 from deap_quant import Evaluator, IncrementalEvaluator, Individual, quantize
 from deap_quant.evaluation import Stage
+from deap_quant.evaluation.cache import ActivationCache, CacheEntry
 
 
 def random_gene(qmodel, rng: random.Random) -> tuple[int, int, int]:
@@ -103,7 +104,7 @@ def test_tiny_budget_evicts_and_stays_within_it(resnet_setup):
     probe.split  # noqa: B018 - builds the split and the size estimates
     full_entry = probe._new_bytes[0]
     budget = int(full_entry * 1.5)  # room for one complete entry and part of another
-    tight = assert_identical(qmodel, data, genomes, batch_size=16, cache_bytes=budget)
+    tight = assert_identical(qmodel, data, genomes, batch_size=16, cache_bytes=budget, keep_states="all")
     cache = tight.stats()["cache"]
     assert cache["evictions"] > 0
     assert cache["peak_mb"] * 2 ** 20 <= budget
@@ -118,6 +119,28 @@ def test_budget_too_small_for_any_entry_degrades_to_plain_evaluation(resnet_setu
         stats = fast.stats()
         assert stats["mean_start_stage"] == 0
         assert stats["cache"] is None or (stats["cache"]["entries"] == 0 and stats["cache"]["peak_mb"] == 0)
+
+
+def test_short_budget_keeps_some_stage_inputs_and_resumes_before_the_dropped_ones(resnet_setup):
+    qmodel, data = resnet_setup
+    genomes = lineage(qmodel, seed=5, n=24)
+    probe = IncrementalEvaluator(qmodel, data, batch_size=16)
+    probe.split  # noqa: B018 - builds the split and the size estimates
+    assert all(probe._kept_inputs[1:])  # the default budget holds every stage input of 25 genomes
+    full_entry = probe._new_bytes[0]
+    budget = int(full_entry * 27 * 0.4)  # each of 25 genomes (+2) gets 40% of what all its inputs take
+    thin = assert_identical(qmodel, data, genomes, batch_size=16, cache_bytes=budget)
+    kept = thin._kept_inputs
+    assert not all(kept[1:]) and any(kept[1:-1]) and kept[-1]
+    assert thin._new_bytes[0] <= budget // 27
+    entries = [thin._cache.get(key) for key in thin._cache.keys()]
+    assert entries and all(entry.states[s] is None for entry in entries for s in range(1, len(kept)) if not kept[s])
+    stats = thin.stats()
+    assert 0 < stats["mean_start_stage"] and stats["cache"]["peak_mb"] * 2 ** 20 <= budget
+    # the same stream with every input kept (and room for it) starts later on average: dropping costs reruns
+    full = assert_identical(qmodel, data, genomes, batch_size=16, keep_states="all")
+    assert full.stats()["mean_start_stage"] > stats["mean_start_stage"]
+    assert full.stats()["stage_fraction"] < stats["stage_fraction"] < 1.0
 
 
 def test_generation_hint_keeps_only_parents_and_hall_of_fame(tiny_model, tiny_data):
@@ -140,6 +163,43 @@ def test_generation_hint_keeps_only_parents_and_hall_of_fame(tiny_model, tiny_da
         unpruned(individual)
     unpruned.prepare_generation(parents, mu=2, hall_of_fame=hall, reject=False)
     assert len(unpruned._cache) > len(fast._cache)  # without pruning nothing is dropped
+
+
+def test_parents_are_evicted_last_and_offspring_below_the_bar_are_not_stored(tiny_model, tiny_data):
+    cache = ActivationCache(3 * 4000)
+    entries = [CacheEntry(name, ((name,),), [None, [torch.zeros(1000)]]) for name in "abcd"]
+    for entry in entries[:3]:
+        cache.insert(entry)
+    cache.pin(["a"])
+    cache.touch("b")  # "a" is now the least recently used, but pinned
+    cache.insert(entries[3])
+    assert set(cache.keys()) == {"a", "b", "d"}
+
+    qmodel = quantize(tiny_model, bits=3)
+    fast = IncrementalEvaluator(qmodel, tiny_data, batch_size=16)
+    individuals = []
+    for genes in lineage(qmodel, seed=9, n=6):
+        individual = Individual(genes)
+        individual.fitness.values = fast(individual)
+        individuals.append(individual)
+    bar = fast.prepare_generation(individuals, mu=3, reject=True)
+    assert bar is not None and fast._cache._pinned == {fast.genome_key(ind) for ind in individuals}
+    verdicts = []  # (at or above the bar, stored) of each offspring computed now
+    for genes in lineage(qmodel, seed=10, n=30)[6:]:
+        computed = fast.stats()["computed"]
+        outcome = fast(genes)
+        if fast.stats()["computed"] > computed:
+            verdicts.append((outcome >= bar, fast.genome_key(genes) in fast._cache))
+    assert all(above == stored for above, stored in verdicts)
+    assert {above for above, _ in verdicts} == {True, False}
+    assert fast.stats()["not_stored"] == sum(not above for above, _ in verdicts)
+    keep_all = IncrementalEvaluator(qmodel, tiny_data, batch_size=16, store="all")
+    for individual in individuals:
+        keep_all(individual)
+    keep_all.prepare_generation(individuals, mu=3, reject=True)
+    for genes in lineage(qmodel, seed=10, n=30)[6:]:
+        keep_all(genes)
+    assert keep_all.stats()["not_stored"] == 0
 
 
 def test_rebase_and_rewritten_weights_invalidate_stored_results(tiny_model, tiny_data):
@@ -206,6 +266,8 @@ def test_bad_options_are_rejected(tiny_model, tiny_data):
                            ({"threads": 0}, "threads"), ({"early_rejection": "yes"}, "early_rejection")):
         with pytest.raises(ValueError, match=match):
             IncrementalEvaluator(qmodel, tiny_data, **options)
+    with pytest.raises(ValueError, match="keep_states='some'.*'auto' or 'all'"):
+        IncrementalEvaluator(qmodel, tiny_data, keep_states="some")
     fast = IncrementalEvaluator(qmodel, tiny_data)
     with pytest.raises(ValueError, match="threshold"):
         fast.reject_below(float("nan"))

@@ -309,9 +309,7 @@ class BatchedEvaluator(IncrementalEvaluator):
     docstring; an integer ``K >= 1``: at most ``K``, fewer when memory is short).
     ``stack``: run a group's stages as stacked batches (``True``), one genome after another
     (``False``), or stacked on CUDA only (``"auto"``, default); stacked forms are verified
-    before use. ``store``: ``"promising"`` (default) stores activations only of genomes at or
-    above the selection bar when one is set, ``"all"`` stores every computed genome's (the
-    one-at-a-time policy). ``data_bytes``: device memory the validation data may take before
+    before use. ``data_bytes``: device memory the validation data may take before
     they are streamed (``None``: :data:`DATA_FRACTION` of the free memory; CPU data are never
     streamed). Other options are :class:`IncrementalEvaluator`'s. Fitness values are those of
     :class:`IncrementalEvaluator`, bit for bit.
@@ -325,23 +323,20 @@ class BatchedEvaluator(IncrementalEvaluator):
                  stack: Union[bool, str] = "auto", store: str = "promising", data_bytes: Optional[int] = None,
                  stages: StageSpec = "auto", cache_bytes: Optional[int] = None, early_rejection: bool = True,
                  memoize: bool = True, memo_size: int = 100_000, prune: bool = True, reuse_rows: bool = True,
-                 threads: Optional[int] = None):
+                 keep_states: str = "auto", threads: Optional[int] = None):
         super().__init__(qmodel, data, metric=metric, batch_size=batch_size, stages=stages, cache_bytes=cache_bytes,
                          early_rejection=early_rejection, memoize=memoize, memo_size=memo_size, prune=prune,
-                         reuse_rows=reuse_rows, threads=threads)
+                         reuse_rows=reuse_rows, keep_states=keep_states, store=store, threads=threads)
         if population_batch != "auto" and (isinstance(population_batch, bool) or not isinstance(population_batch, int)
                                            or population_batch < 1):
             raise ValueError(f"population_batch={population_batch!r} is not valid; use an integer >= 1 or 'auto'")
         if not any(stack is mode for mode in (True, False)) and stack != "auto":
             raise ValueError(f"stack={stack!r} is not valid; use 'auto', True or False")
-        if store not in ("promising", "all"):
-            raise ValueError(f"store={store!r} is not valid; use 'promising' or 'all'")
         if data_bytes is not None and (isinstance(data_bytes, bool) or not isinstance(data_bytes, int)
                                        or data_bytes < 0):
             raise ValueError(f"data_bytes={data_bytes!r} is not valid; use a number of bytes >= 0 or None")
         self.population_batch = population_batch
         self.stack = stack
-        self.store = store
         self.data_bytes = data_bytes
         self.memory_share = 1  # processes of one parallel map on this machine (they split its free memory)
         self.last_population_batch: Optional[int] = None
@@ -367,7 +362,6 @@ class BatchedEvaluator(IncrementalEvaluator):
         self.vmap_runs = 0
         self.single_runs = 0
         self.verifications = 0
-        self.not_stored = 0
 
     def _build(self) -> None:
         super()._build()
@@ -584,12 +578,6 @@ class BatchedEvaluator(IncrementalEvaluator):
             keys.add(ancestor.key)
         return tuple(keys)
 
-    def _worth_storing(self, outcome: Outcome) -> bool:
-        bar = self.threshold
-        if self.store == "all" or bar is None or len(outcome.fitness) != len(bar):
-            return True
-        return outcome.fitness >= bar
-
     # ------------------------------------------------------------------ jobs
     def _new_job(self, key: tuple, split: StageSplit, rejecting: bool, lengths: list[int],
                  must: bool) -> Optional[_Job]:
@@ -599,9 +587,10 @@ class BatchedEvaluator(IncrementalEvaluator):
         n_stages, n_batches = len(split), len(lengths)
         signature = self._signature(key) if cache is not None else ()
         ancestor, start = cache.closest(signature) if cache is not None else (None, 0)
+        start = self._resume(ancestor, start)
         if ancestor is None and cache is not None and 0 in self._patches:
             ancestor = cache.latest()  # nothing shared, but the first convolution may still be patched
-        reserved, store = 0, cache is not None and start < n_stages
+        reserved, store = 0, cache is not None and start < n_stages and self._storing
         if store:
             reserved = self._new_bytes[start]
             store = cache.reserve(reserved, keep=self._protected(ancestor))
@@ -611,9 +600,7 @@ class BatchedEvaluator(IncrementalEvaluator):
                 reserved = 0
         if ancestor is not None:
             cache.touch(ancestor.key)
-        new_states: list[Optional[list[Any]]] = [None] * (n_stages + 1)
-        for stage in range(start + 1, n_stages + 1):
-            new_states[stage] = [None] * n_batches
+        new_states = self._fresh_states(start, n_batches)
         if start == n_stages:  # the same weights are cached (memo forgotten or off): reuse the outputs
             new_states[n_stages] = list(ancestor.states[n_stages])
         order = list(range(n_batches))
@@ -679,7 +666,7 @@ class BatchedEvaluator(IncrementalEvaluator):
             with contextlib.nullcontext() if written else self._weights(job.needed):
                 state = self._patched(split.stages[job.start], state, job.ancestor.states[job.start + 1][b],
                                       job.channels)
-            if job.store or job.first == n_stages:
+            if (job.store or job.first == n_stages) and job.new_states[job.first] is not None:
                 job.new_states[job.first][b] = state
             self.stage_batches += 1
         return _Runner(job, b, state, job.first)
@@ -701,7 +688,7 @@ class BatchedEvaluator(IncrementalEvaluator):
                     raise
                 raise misfit from error
             runner.state, runner.stage = state, stage + 1
-            if job.store or stage + 1 == n_stages:
+            if (job.store or stage + 1 == n_stages) and job.new_states[stage + 1] is not None:
                 job.new_states[stage + 1][b] = state
             self.stage_batches += 1
             self.single_runs += 1
@@ -739,7 +726,7 @@ class BatchedEvaluator(IncrementalEvaluator):
             for runner, output, sliced in zip(here, outputs, shared):
                 runner.state, runner.stage = output, stage + 1
                 job = runner.job
-                if job.store or stage + 1 == n_stages:
+                if (job.store or stage + 1 == n_stages) and job.new_states[stage + 1] is not None:
                     # a slice of a stacked output would keep the whole stack alive in the cache
                     job.new_states[stage + 1][runner.batch] = (_rebuild(output, [t.clone() for t in _leaves(output)])
                                                                if sliced and job.store else output)
@@ -981,7 +968,8 @@ class BatchedEvaluator(IncrementalEvaluator):
                                 population_batch=self.population_batch, stack=self.stack, store=self.store,
                                 data_bytes=self.data_bytes, stages=self.stages_spec, cache_bytes=self.cache_bytes,
                                 early_rejection=self.early_rejection, memoize=self.memoize, memo_size=self.memo_size,
-                                prune=self.prune, reuse_rows=self.reuse_rows, threads=self.threads)
+                                prune=self.prune, reuse_rows=self.reuse_rows, keep_states=self.keep_states,
+                                threads=self.threads)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -119,6 +119,7 @@ class ActivationCache:
         self._entries: OrderedDict[Hashable, CacheEntry] = OrderedDict()  # least recently used first
         self._prefixes: dict[tuple, dict[Hashable, None]] = {}  # signature prefix -> keys sharing it
         self._refs: dict[int, list[int]] = {}  # storage address -> [entries holding it, bytes]
+        self._pinned: set[Hashable] = set()  # evicted only once every other entry is gone
         self.used = 0
         self.reserved = 0
         self.peak = 0
@@ -137,6 +138,10 @@ class ActivationCache:
 
     def get(self, key: Hashable) -> Optional[CacheEntry]:
         return self._entries.get(key)
+
+    def pin(self, keys: Iterable[Hashable]) -> None:
+        """Evict ``keys`` (e.g. the parents of the next offspring) only after every other entry; replaces earlier pins."""
+        self._pinned = set(keys)
 
     def touch(self, key: Hashable) -> None:
         """Mark ``key`` as recently used (no effect if it is not cached)."""
@@ -174,11 +179,12 @@ class ActivationCache:
         self.peak = max(self.peak, self.used + self.reserved)
 
     def _evict_until(self, free: int, keep: Iterable[Hashable] = ()) -> bool:
-        """Evict least recently used entries (not those in ``keep``) until ``free`` bytes fit."""
+        """Evict least recently used entries (not those in ``keep``; pinned ones last) until ``free`` bytes fit."""
         if self.used + self.reserved + free <= self.budget:
             return True
         keep = set(keep)
-        for key in list(self._entries):
+        order = list(self._entries)
+        for key in [k for k in order if k not in self._pinned] + [k for k in order if k in self._pinned]:
             if self.used + self.reserved + free <= self.budget:
                 break
             if key not in keep:

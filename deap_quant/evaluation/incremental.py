@@ -13,7 +13,12 @@ returns bit-identical fitness values, faster:
   followed by channel-wise operations and only a few of its output channels changed, only those
   channels are recomputed (a :class:`~.patches.ChannelPatch`, used only where it was found to
   reproduce the full stage bit for bit for that number of channels and batch shape). Between
-  ``(mu+lambda)`` generations only the parents' and hall of fame's activations are kept.
+  ``(mu+lambda)`` generations only the parents' and hall of fame's activations are kept; during
+  one, they are evicted last, and an offspring below the selection bar is not stored (it can
+  never be a parent). When every stage input of the parents' genomes would not fit in the
+  budget, each cached genome keeps only the inputs of some stages, chosen to lose the least
+  recomputation per byte; a genome whose ancestor dropped the input it needs resumes from the
+  last kept one before it.
 * **Changed samples only.** After the last stage whose weights differ from the ancestor's, the
   samples whose activations are still bit-for-bit the ancestor's keep its outputs; only the
   others run through the remaining stages, as a smaller batch whose size was verified to give
@@ -87,6 +92,10 @@ LOSS_BOUND_MARGIN = 1e-9
 #: A convolution stage is patched when at most 1/PATCH_FRACTION of its output channels changed.
 PATCH_FRACTION = 4
 
+#: Genomes assumed to share the activation cache before :meth:`IncrementalEvaluator.prepare_generation`
+#: announces the parents and hall of fame (evolve's defaults: 20 parents, 5 in the hall of fame).
+DEFAULT_MEMBERS = 25
+
 #: Tie-break component of a rejected individual's fitness: marks it, and keeps it an upper bound.
 REJECTED_TIE_BREAK = math.inf
 
@@ -110,7 +119,12 @@ class IncrementalEvaluator(Evaluator):
     rejection when a threshold is set (accuracy-type metrics only). ``memoize``: return stored
     fitness for genomes evaluated before (``memo_size`` most recent genomes). ``prune``: keep
     only the parents' and hall of fame's activations between generations (see
-    :meth:`prepare_generation`; without it, the cache is purely LRU). ``threads``:
+    :meth:`prepare_generation`; without it, the cache is purely LRU). ``keep_states``: ``"auto"``
+    (default) keeps only some stage inputs per cached genome when every input of the parents'
+    genomes would not fit in the budget (see :meth:`_choose_kept`), ``"all"`` keeps them all.
+    ``store``: ``"promising"`` (default) caches a computed genome's activations only if it is at or
+    above the selection bar when one is set (see :meth:`prepare_generation`), ``"all"`` caches
+    every computed genome's. ``threads``:
     torch intra-op threads while evaluating, and while the split, its channel patches and row
     subsets are verified (``None`` leaves torch's setting alone).
     """
@@ -118,8 +132,13 @@ class IncrementalEvaluator(Evaluator):
     def __init__(self, qmodel: QuantizedModel, data: DataSpec, metric: MetricSpec = "accuracy",
                  batch_size: int = 512, *, stages: StageSpec = "auto", cache_bytes: Optional[int] = None,
                  early_rejection: bool = True, memoize: bool = True, memo_size: int = 100_000,
-                 prune: bool = True, reuse_rows: bool = True, threads: Optional[int] = None):
+                 prune: bool = True, reuse_rows: bool = True, keep_states: str = "auto", store: str = "promising",
+                 threads: Optional[int] = None):
         super().__init__(qmodel, data, metric=metric, batch_size=batch_size)
+        if keep_states not in ("auto", "all"):
+            raise ValueError(f"keep_states={keep_states!r} is not valid; use 'auto' or 'all'")
+        if store not in ("promising", "all"):
+            raise ValueError(f"store={store!r} is not valid; use 'promising' or 'all'")
         if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
                                         or cache_bytes < 0):
             raise ValueError(f"cache_bytes={cache_bytes!r} is not valid; use a number of bytes >= 0 or None")
@@ -138,7 +157,10 @@ class IncrementalEvaluator(Evaluator):
         self.memo_size = memo_size
         self.prune = prune
         self.reuse_rows = reuse_rows
+        self.keep_states = keep_states
+        self.store = store
         self.threads = threads
+        self._members = DEFAULT_MEMBERS
         self.threshold: Optional[tuple[float, float]] = None
         self._memo: OrderedDict[Hashable, Outcome] = OrderedDict()
         self._keys: dict[tuple, tuple] = {}  # gene tuples -> genome key, for the current base
@@ -154,6 +176,9 @@ class IncrementalEvaluator(Evaluator):
         self._layer_stage: list[int] = []
         self._layer_last: list[int] = []
         self._new_bytes: list[int] = []
+        self._kept_inputs: tuple[bool, ...] = ()
+        self._storing = False
+        self._stage_profile: Optional[tuple[list[dict[int, int]], list[float], list[float]]] = None
         self._probes: list[tuple[Any, torch.Tensor]] = []  # (module, flat weight indices) per quantized layer
         self._patches: dict[int, tuple[int, int]] = {}
         self._row_verdicts: dict[tuple, bool] = {}
@@ -172,6 +197,7 @@ class IncrementalEvaluator(Evaluator):
         self.subset_batches = 0
         self.start_stages = 0
         self.patched = 0
+        self.not_stored = 0
 
     @property
     def rejecting_metric(self) -> bool:
@@ -281,28 +307,111 @@ class IncrementalEvaluator(Evaluator):
         device = model_placement(self.qmodel.module)[0]
         budget = default_budget(device=device) if self.cache_bytes is None else self.cache_bytes
         self._cache = ActivationCache(budget) if len(split) > 1 and budget > 0 else None
-        self._new_bytes = self._estimate_new_bytes(split, sample) if self._cache is not None else []
+        self._stage_profile = self._profile_stages(split, sample) if self._cache is not None else None
+        self._choose_kept()
         self._memo.clear()
         self._keys.clear()
         self._split, self._token = split, None
 
-    def _estimate_new_bytes(self, split: StageSplit, sample: Any) -> list[int]:
-        """``[k]``: bytes of the activations an evaluation starting at stage ``k`` adds to the cache."""
+    def _profile_stages(self, split: StageSplit, sample: Any) -> tuple[list[dict[int, int]], list[float], list[float]]:
+        """Per stage on one batch: the storages of its input (``[0]``: none, the data), its seconds (least of
+        two runs) and how likely a genome's first change is to fall in it (its share of the quantized layers)."""
+        seconds = [math.inf] * len(split)
         with torch.inference_mode():
-            states, state = [None], sample
-            for stage in split.stages:
-                state = stage(state)
-                states.append(state)
+            for _ in range(2):
+                states, state = [None], sample
+                for index, stage in enumerate(split.stages):
+                    started = time.perf_counter()
+                    state = stage(state)
+                    seconds[index] = min(seconds[index], time.perf_counter() - started)
+                    states.append(state)
         per_stage = [_storages(state) if state is not None else {} for state in states]
+        first = [0.0] * len(split)
+        for stage in self._layer_stage:
+            first[stage] += 1.0 / len(self._layer_stage)
+        return per_stage, seconds, first
+
+    def _choose_kept(self) -> None:
+        """Which stage inputs a new cache entry keeps (:attr:`_kept_inputs`), and the bytes it adds (:attr:`_new_bytes`).
+
+        With ``keep_states="all"``, or when every stage input of one genome fits in the budget's
+        share per genome (the budget over :attr:`_members` genomes, the parents and hall of fame
+        that :meth:`prepare_generation` last announced, plus two), all are kept. Otherwise stage
+        inputs are dropped one at a time, each time the one whose loss costs least expected
+        recomputation per byte freed, until a genome fits its share. A genome whose first change
+        falls in a stage whose input its ancestor dropped resumes from the ancestor's last kept
+        stage input before it (and cannot patch that stage where its output was dropped). The
+        expectation weighs stages by measured seconds and first changes by the share of quantized
+        layers per stage (a uniform choice of layer, evolve's default). Which inputs are kept
+        changes only the speed, never a fitness value.
+        """
+        if self._cache is None or self._stage_profile is None:
+            self._kept_inputs, self._new_bytes, self._storing = (), [], False
+            return
+        per_stage, seconds, first = self._stage_profile
+        n_stages = len(seconds)
         scale = self.n_samples / max(1, _batch_length(self.batches[0]))
-        estimates = []
-        for start in range(len(split) + 1):
-            shared = set().union(*per_stage[1:start + 1]) if start else set()
+        kept = [False] + [True] * n_stages
+
+        def held(keep: Sequence[bool], start: int = 0) -> int:
+            shared = set().union(*(per_stage[s] for s in range(1, start + 1) if keep[s])) if start else set()
             fresh: dict[int, int] = {}
-            for found in per_stage[start + 1:]:
-                fresh.update({k: v for k, v in found.items() if k not in shared})
-            estimates.append(int(math.ceil(sum(fresh.values()) * scale)))
-        return estimates
+            for s in range(start + 1, n_stages + 1):
+                if keep[s]:
+                    fresh.update({k: v for k, v in per_stage[s].items() if k not in shared})
+            return int(math.ceil(sum(fresh.values()) * scale))
+
+        def expected(keep: Sequence[bool]) -> float:
+            extra = 0.0
+            for stage in range(n_stages):
+                if first[stage]:
+                    resume = max(s for s in range(stage + 1) if s == 0 or keep[s])
+                    lost_patch = stage in self._patches and not keep[stage + 1]
+                    extra += first[stage] * (sum(seconds[resume:stage]) + (seconds[stage] if lost_patch else 0.0))
+            return extra
+
+        share = self._cache.budget // (self._members + 2)
+        if self.keep_states == "auto":
+            cost, size = expected(kept), held(kept)
+            while size > share:
+                best = None
+                for stage in range(1, n_stages):  # the outputs (stage n_stages) are always kept
+                    if not kept[stage]:
+                        continue
+                    trial = kept.copy()
+                    trial[stage] = False
+                    freed = size - held(trial)
+                    if freed <= 0:
+                        continue
+                    trial_cost = expected(trial)
+                    rank = (trial_cost - cost) / freed
+                    if best is None or rank < best[0]:
+                        best = (rank, stage, trial_cost, size - freed)
+                if best is None:
+                    break
+                kept[best[1]] = False
+                cost, size = best[2], best[3]
+        self._kept_inputs = tuple(kept)
+        self._storing = any(kept[1:n_stages])  # outputs alone would save no stage: store nothing
+        self._new_bytes = [held(kept, start) for start in range(n_stages + 1)]
+
+    def _resume(self, ancestor: Optional[CacheEntry], start: int) -> int:
+        """Where a genome sharing ``start`` stages with ``ancestor`` resumes: ``start``, or the last stage
+        before it whose input the ancestor kept (``0``: from the data)."""
+        if ancestor is None:
+            return start
+        while start > 0 and ancestor.states[start] is None:
+            start -= 1
+        return start
+
+    def _fresh_states(self, start: int, n_batches: int) -> list[Optional[list[Any]]]:
+        """Slots for the activations an evaluation resuming at ``start`` keeps (``None``: not kept)."""
+        n_stages = len(self._split)
+        states: list[Optional[list[Any]]] = [None] * (n_stages + 1)
+        for stage in range(start + 1, n_stages + 1):
+            if stage == n_stages or not self._kept_inputs or self._kept_inputs[stage]:
+                states[stage] = [None] * n_batches
+        return states
 
     def reset(self) -> None:
         """Forget cached activations and stored fitness (needed only after editing weights through
@@ -420,6 +529,9 @@ class IncrementalEvaluator(Evaluator):
         """
         self._prepare()
         members = list(parents) + list(hall_of_fame or [])
+        if len(members) != self._members:
+            self._members = max(1, len(members))
+            self._choose_kept()
         if self._cache is not None:
             keys = [self.genome_key(individual) for individual in members]
             if self.prune:
@@ -429,6 +541,7 @@ class IncrementalEvaluator(Evaluator):
                         self._cache.evict(key)
             for key in keys:
                 self._cache.touch(key)
+            self._cache.pin(keys)
         threshold = None
         usable = all(getattr(ind, "fitness", None) is not None and ind.fitness.valid
                      and len(ind.fitness.values) == 2 and all(w > 0 for w in ind.fitness.weights)
@@ -462,7 +575,7 @@ class IncrementalEvaluator(Evaluator):
                                     stages=self.stages_spec, cache_bytes=self.cache_bytes,
                                     early_rejection=self.early_rejection, memoize=self.memoize,
                                     memo_size=self.memo_size, prune=self.prune, reuse_rows=self.reuse_rows,
-                                    threads=self.threads)
+                                    keep_states=self.keep_states, store=self.store, threads=self.threads)
 
     def _remember(self, key: Hashable, outcome: Outcome) -> Outcome:
         if self.memoize:
@@ -491,20 +604,19 @@ class IncrementalEvaluator(Evaluator):
         cache = self._cache
         signature = self._signature(key) if cache is not None else ()
         ancestor, start = cache.closest(signature) if cache is not None else (None, 0)
+        start = self._resume(ancestor, start)
         if ancestor is None and cache is not None and 0 in self._patches:
             ancestor = cache.latest()  # nothing shared, but the first convolution may still be patched
         if ancestor is not None:
             cache.touch(ancestor.key)
         reserved = 0
-        store = cache is not None and start < n_stages
+        store = cache is not None and start < n_stages and self._storing
         if store:
             reserved = self._new_bytes[start]
             store = cache.reserve(reserved, keep=(ancestor.key,) if ancestor is not None else ())
             if not store:
                 reserved = 0
-        new_states: list[Optional[list[Any]]] = [None] * (n_stages + 1)
-        for stage in range(start + 1, n_stages + 1):
-            new_states[stage] = [None] * n_batches
+        new_states = self._fresh_states(start, n_batches)
         if start == n_stages:  # the same weights are cached (memo forgotten or off): reuse the outputs
             new_states[n_stages] = list(ancestor.states[n_stages])
         rejecting = threshold is not None and self.rejecting_metric
@@ -532,7 +644,7 @@ class IncrementalEvaluator(Evaluator):
                     state = inputs if start == 0 else ancestor.states[start][b]
                     if channels:  # a few output channels of one convolution changed: patch the ancestor's output
                         state = self._patched(split.stages[start], state, ancestor.states[start + 1][b], channels)
-                        if store or first == n_stages:
+                        if (store or first == n_stages) and new_states[first] is not None:
                             new_states[first][b] = state
                         self.stage_batches += 1
                     for stage in range(first, n_stages):
@@ -548,7 +660,7 @@ class IncrementalEvaluator(Evaluator):
                             if misfit is None:
                                 raise
                             raise misfit from error
-                        if store or stage + 1 == n_stages:
+                        if (store or stage + 1 == n_stages) and new_states[stage + 1] is not None:
                             new_states[stage + 1][b] = state
                         self.stage_batches += 1
                     self.stage_batches_full += n_stages
@@ -582,15 +694,25 @@ class IncrementalEvaluator(Evaluator):
                     for b, (_, targets) in enumerate(batches):
                         metric.update(outputs[b], targets)
                 outcome = Outcome(tuple(metric.fitness()), metric.summary(), exact=True)
-            if store:
+            if store and self._worth_storing(outcome):
                 entry = (CacheEntry.extending(ancestor, start, key, signature, new_states, batch_scores)
                          if ancestor is not None else CacheEntry(key, signature, new_states, batch_scores))
                 cache.insert(entry, reserved=reserved)
                 reserved = 0
+            elif store:
+                self.not_stored += 1
             return outcome
         finally:
             if reserved:
                 cache.release(reserved)
+
+    def _worth_storing(self, outcome: Outcome) -> bool:
+        """Whether to cache a computed genome's activations: with ``store="promising"`` and a selection bar
+        set, only if it is at or above the bar (one below can never be a parent of later offspring)."""
+        bar = self.threshold
+        if self.store == "all" or bar is None or len(outcome.fitness) != len(bar):
+            return True
+        return outcome.fitness >= bar
 
     @staticmethod
     def _patched(stage: Any, state: Any, previous: Any, channels: list[int]) -> Any:
@@ -612,7 +734,9 @@ class IncrementalEvaluator(Evaluator):
         for stage, (mine, theirs) in enumerate(zip(signature, ancestor.signature)):
             if mine != theirs:  # a weight used by several stages changes all of them
                 last = max(last, stage, *(self._layer_last[change[0]] for change in (*mine, *theirs)))
-        return last + 1 if 0 <= last < len(signature) - 1 else None
+        if not 0 <= last < len(signature) - 1 or any(state is None for state in ancestor.states[last + 1:]):
+            return None
+        return last + 1
 
     def _reuse_rows(self, split: StageSplit, b: int, state: Any, stage: int, ancestor: CacheEntry,
                     new_states: list[Optional[list[Any]]], store: bool) -> Optional[Any]:
@@ -630,7 +754,7 @@ class IncrementalEvaluator(Evaluator):
             return None
         if len(rows) == 0:  # identical from here on: share the ancestor's activations
             for later in range(stage, n_stages + 1):
-                if store or later == n_stages:
+                if (store or later == n_stages) and new_states[later] is not None:
                     new_states[later][b] = ancestor.states[later][b]
             self.unchanged_batches += 1
             return ancestor.states[n_stages][b]
@@ -647,7 +771,7 @@ class IncrementalEvaluator(Evaluator):
         subset = take_rows(state, index)
         for later in range(stage, n_stages):
             subset = split.stages[later](subset)
-            if store or later + 1 == n_stages:
+            if (store or later + 1 == n_stages) and new_states[later + 1] is not None:
                 new_states[later + 1][b] = put_rows(ancestor.states[later + 1][b], rows, subset)
             self.stage_batches += size / rows_total
         self.subset_batches += 1
@@ -678,7 +802,7 @@ class IncrementalEvaluator(Evaluator):
 
     def _changed_channels(self, start: int, signature: tuple, ancestor: Optional[CacheEntry]) -> list[int]:
         """Output channels to recompute if stage ``start`` can be patched from ``ancestor``, else ``[]``."""
-        if ancestor is None or start not in self._patches:
+        if ancestor is None or start not in self._patches or ancestor.states[start + 1] is None:
             return []
         layer, per_channel = self._patches[start]
         mine = {i: v for change in signature[start] if change[0] == layer for i, v in zip(change[1], change[2])}
@@ -699,7 +823,7 @@ class IncrementalEvaluator(Evaluator):
             "skipped_fraction": self.samples_skipped / possible if possible else 0.0,
             "stage_fraction": self.stage_batches / self.stage_batches_full if self.stage_batches_full else 0.0,
             "mean_start_stage": self.start_stages / self.computed if self.computed else 0.0,
-            "patched": self.patched,
+            "patched": self.patched, "not_stored": self.not_stored,
             "unchanged_batches": self.unchanged_batches, "subset_batches": self.subset_batches,
             "split": self._split.kind if self._split is not None else None,
             "stages": len(self._split) if self._split is not None else None,
@@ -784,7 +908,8 @@ class IncrementalEvaluator(Evaluator):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for name in ("_split", "_split_layout", "_cache", "_layer_stage", "_layer_last", "_new_bytes", "_probes",
+        for name in ("_split", "_split_layout", "_cache", "_layer_stage", "_layer_last", "_new_bytes", "_kept_inputs",
+                     "_storing", "_stage_profile", "_probes",
                      "_patches", "_row_verdicts", "_token", "_held", "_base_flat", "_keys"):
             state.pop(name, None)
         return state
