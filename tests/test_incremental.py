@@ -141,6 +141,12 @@ def test_short_budget_keeps_some_stage_inputs_and_resumes_before_the_dropped_one
     full = assert_identical(qmodel, data, genomes, batch_size=16, keep_states="all")
     assert full.stats()["mean_start_stage"] > stats["mean_start_stage"]
     assert full.stats()["stage_fraction"] < stats["stage_fraction"] < 1.0
+    # two parents announced instead of 25: each gets a larger share, and keeps every input again
+    parents = [Individual(genes) for genes in genomes[:2]]
+    for individual in parents:
+        individual.fitness.values = thin(individual)
+    thin.prepare_generation(parents, mu=2, reject=False)
+    assert all(thin._kept_inputs[1:]) and thin._new_bytes[0] == full_entry
 
 
 def test_generation_hint_keeps_only_parents_and_hall_of_fame(tiny_model, tiny_data):
