@@ -4,7 +4,9 @@ Each :class:`CacheEntry` holds, for one fully evaluated genome, the input of eve
 the first (and the final outputs), per validation batch. An offspring's entry shares the
 tensors of the stages it did not recompute with its ancestor's entry, so memory is counted per
 tensor storage, once, however many entries refer to it; a storage is freed when the last
-entry holding it is evicted.
+entry holding it is evicted. Pinned entries (:meth:`ActivationCache.pin`: the parents of the
+offspring being evaluated) are evicted only after every other entry. An entry may hold ``None``
+for the inputs of stages it did not keep (see ``keep_states`` of the incremental evaluator).
 
 The budget bounds the bytes held by the cache plus the bytes an evaluation in progress has
 reserved for its new activations. An entry that cannot fit even after evicting every other
@@ -80,7 +82,8 @@ class CacheEntry:
 
     ``signature[s]`` describes the genome's changes within stage ``s``; ``states[s]`` is the list
     (one per batch) of inputs of stage ``s`` for ``s >= 1``, and ``states[n_stages]`` the outputs.
-    ``states[0]`` is ``None`` (stage 0 reads the data). ``batch_scores[b]`` is ``(correct, loss)``
+    ``states[0]`` is ``None`` (stage 0 reads the data), and so is ``states[s]`` for a stage input
+    the entry did not keep (the outputs are always kept). ``batch_scores[b]`` is ``(correct, loss)``
     of batch ``b`` (to order batches when rejecting early), if the metric counts them.
     """
 
