@@ -600,7 +600,7 @@ class BatchedEvaluator(IncrementalEvaluator):
                 reserved = 0
         if ancestor is not None:
             cache.touch(ancestor.key)
-        new_states = self._fresh_states(start, n_batches)
+        new_states = self._fresh_states(start, n_batches, store)
         if start == n_stages:  # the same weights are cached (memo forgotten or off): reuse the outputs
             new_states[n_stages] = list(ancestor.states[n_stages])
         order = list(range(n_batches))
@@ -666,7 +666,7 @@ class BatchedEvaluator(IncrementalEvaluator):
             with contextlib.nullcontext() if written else self._weights(job.needed):
                 state = self._patched(split.stages[job.start], state, job.ancestor.states[job.start + 1][b],
                                       job.channels)
-            if (job.store or job.first == n_stages) and job.new_states[job.first] is not None:
+            if job.new_states[job.first] is not None:
                 job.new_states[job.first][b] = state
             self.stage_batches += 1
         return _Runner(job, b, state, job.first)
@@ -676,7 +676,7 @@ class BatchedEvaluator(IncrementalEvaluator):
         job, b, n_stages = runner.job, runner.batch, len(split)
         for stage in range(runner.stage, n_stages):
             if stage == job.reuse_from:  # later stages are the ancestor's: rerun only the changed samples
-                reused = self._reuse_rows(split, b, runner.state, stage, job.ancestor, job.new_states, job.store)
+                reused = self._reuse_rows(split, b, runner.state, stage, job.ancestor, job.new_states)
                 if reused is not None:
                     runner.state, runner.stage = reused, n_stages
                     return
@@ -688,7 +688,7 @@ class BatchedEvaluator(IncrementalEvaluator):
                     raise
                 raise misfit from error
             runner.state, runner.stage = state, stage + 1
-            if (job.store or stage + 1 == n_stages) and job.new_states[stage + 1] is not None:
+            if job.new_states[stage + 1] is not None:
                 job.new_states[stage + 1][b] = state
             self.stage_batches += 1
             self.single_runs += 1
@@ -708,7 +708,7 @@ class BatchedEvaluator(IncrementalEvaluator):
                 if stage == job.reuse_from:  # later stages are the ancestor's: rerun only the changed samples
                     with self._weights(job.needed):
                         reused = self._reuse_rows(split, runner.batch, runner.state, stage, job.ancestor,
-                                                  job.new_states, job.store)
+                                                  job.new_states)
                     if reused is not None:
                         runner.state, runner.stage = reused, n_stages
                         continue
@@ -726,7 +726,7 @@ class BatchedEvaluator(IncrementalEvaluator):
             for runner, output, sliced in zip(here, outputs, shared):
                 runner.state, runner.stage = output, stage + 1
                 job = runner.job
-                if (job.store or stage + 1 == n_stages) and job.new_states[stage + 1] is not None:
+                if job.new_states[stage + 1] is not None:
                     # a slice of a stacked output would keep the whole stack alive in the cache
                     job.new_states[stage + 1][runner.batch] = (_rebuild(output, [t.clone() for t in _leaves(output)])
                                                                if sliced and job.store else output)

@@ -316,16 +316,8 @@ class IncrementalEvaluator(Evaluator):
     def _profile_stages(self, split: StageSplit, sample: Any) -> tuple[list[dict[int, int]], list[float], list[float]]:
         """Per stage on one batch: the storages of its input (``[0]``: none, the data), its seconds (least of
         two runs) and how likely a genome's first change is to fall in it (its share of the quantized layers)."""
-        seconds = [math.inf] * len(split)
-        with torch.inference_mode():
-            for _ in range(2):
-                states, state = [None], sample
-                for index, stage in enumerate(split.stages):
-                    started = time.perf_counter()
-                    state = stage(state)
-                    seconds[index] = min(seconds[index], time.perf_counter() - started)
-                    states.append(state)
-        per_stage = [_storages(state) if state is not None else {} for state in states]
+        seconds, outputs = _timed_walk(split, sample, repeats=2)
+        per_stage = [{}] + [_storages(state) for state in outputs]
         first = [0.0] * len(split)
         for stage in self._layer_stage:
             first[stage] += 1.0 / len(self._layer_stage)
@@ -404,12 +396,13 @@ class IncrementalEvaluator(Evaluator):
             start -= 1
         return start
 
-    def _fresh_states(self, start: int, n_batches: int) -> list[Optional[list[Any]]]:
-        """Slots for the activations an evaluation resuming at ``start`` keeps (``None``: not kept)."""
+    def _fresh_states(self, start: int, n_batches: int, store: bool) -> list[Optional[list[Any]]]:
+        """Slots for the activations an evaluation resuming at ``start`` writes (``None``: not written): the
+        outputs always; with ``store``, also the kept inputs of the later stages."""
         n_stages = len(self._split)
         states: list[Optional[list[Any]]] = [None] * (n_stages + 1)
         for stage in range(start + 1, n_stages + 1):
-            if stage == n_stages or not self._kept_inputs or self._kept_inputs[stage]:
+            if stage == n_stages or (store and (not self._kept_inputs or self._kept_inputs[stage])):
                 states[stage] = [None] * n_batches
         return states
 
@@ -616,7 +609,7 @@ class IncrementalEvaluator(Evaluator):
             store = cache.reserve(reserved, keep=(ancestor.key,) if ancestor is not None else ())
             if not store:
                 reserved = 0
-        new_states = self._fresh_states(start, n_batches)
+        new_states = self._fresh_states(start, n_batches, store)
         if start == n_stages:  # the same weights are cached (memo forgotten or off): reuse the outputs
             new_states[n_stages] = list(ancestor.states[n_stages])
         rejecting = threshold is not None and self.rejecting_metric
@@ -644,12 +637,12 @@ class IncrementalEvaluator(Evaluator):
                     state = inputs if start == 0 else ancestor.states[start][b]
                     if channels:  # a few output channels of one convolution changed: patch the ancestor's output
                         state = self._patched(split.stages[start], state, ancestor.states[start + 1][b], channels)
-                        if (store or first == n_stages) and new_states[first] is not None:
+                        if new_states[first] is not None:
                             new_states[first][b] = state
                         self.stage_batches += 1
                     for stage in range(first, n_stages):
                         if stage == reuse_from:  # later stages are the ancestor's: rerun only the changed samples
-                            reused = self._reuse_rows(split, b, state, stage, ancestor, new_states, store)
+                            reused = self._reuse_rows(split, b, state, stage, ancestor, new_states)
                             if reused is not None:
                                 state = reused
                                 break
@@ -660,7 +653,7 @@ class IncrementalEvaluator(Evaluator):
                             if misfit is None:
                                 raise
                             raise misfit from error
-                        if (store or stage + 1 == n_stages) and new_states[stage + 1] is not None:
+                        if new_states[stage + 1] is not None:
                             new_states[stage + 1][b] = state
                         self.stage_batches += 1
                     self.stage_batches_full += n_stages
@@ -739,13 +732,13 @@ class IncrementalEvaluator(Evaluator):
         return last + 1
 
     def _reuse_rows(self, split: StageSplit, b: int, state: Any, stage: int, ancestor: CacheEntry,
-                    new_states: list[Optional[list[Any]]], store: bool) -> Optional[Any]:
+                    new_states: list[Optional[list[Any]]]) -> Optional[Any]:
         """The final output of batch ``b`` from ``state`` (the input of ``stage``), rerunning only changed samples.
 
         Every stage from ``stage`` on has the ancestor's weights. Samples whose ``state`` equals the
         ancestor's bit for bit keep its activations; the others run as a smaller batch, if that
         batch size is verified to reproduce the full batch's rows (see :mod:`.rows`). Fills
-        ``new_states`` like the plain loop; returns ``None`` where the batch must run in full.
+        the slots of ``new_states`` that exist, like the plain loop; returns ``None`` where the batch must run in full.
         """
         n_stages = len(split)
         rows_total = _batch_length(self.batches[b])
@@ -754,7 +747,7 @@ class IncrementalEvaluator(Evaluator):
             return None
         if len(rows) == 0:  # identical from here on: share the ancestor's activations
             for later in range(stage, n_stages + 1):
-                if (store or later == n_stages) and new_states[later] is not None:
+                if new_states[later] is not None:
                     new_states[later][b] = ancestor.states[later][b]
             self.unchanged_batches += 1
             return ancestor.states[n_stages][b]
@@ -771,7 +764,7 @@ class IncrementalEvaluator(Evaluator):
         subset = take_rows(state, index)
         for later in range(stage, n_stages):
             subset = split.stages[later](subset)
-            if (store or later + 1 == n_stages) and new_states[later + 1] is not None:
+            if new_states[later + 1] is not None:
                 new_states[later + 1][b] = put_rows(ancestor.states[later + 1][b], rows, subset)
             self.stage_batches += size / rows_total
         self.subset_batches += 1
@@ -837,15 +830,8 @@ class IncrementalEvaluator(Evaluator):
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats={repeats!r} is not valid; use an integer >= 1")
         split = self._prepare()
-        costs = [math.inf] * len(split)
-        with self._threads_set(), torch.inference_mode():
-            for _ in range(repeats):
-                state = self.batches[0][0]
-                for index, stage in enumerate(split.stages):
-                    started = time.perf_counter()
-                    state = stage(state)
-                    costs[index] = min(costs[index], time.perf_counter() - started)
-        return costs
+        with self._threads_set():
+            return _timed_walk(split, self.batches[0][0], repeats)[0]
 
     def stage_flops(self) -> list[int]:
         """Floating-point operations of each stage on the first validation batch, as
@@ -919,6 +905,20 @@ class IncrementalEvaluator(Evaluator):
         self._keys = {}
         self._base_flat = [self.qmodel.base_states(layer).view(-1).numpy() for layer in range(len(self.qmodel.layers))]
         self._unprepare()
+
+
+def _timed_walk(split: StageSplit, sample: Any, repeats: int) -> tuple[list[float], list[Any]]:
+    """Seconds of each stage of ``split`` on ``sample`` (least of ``repeats`` runs) and the stages' outputs."""
+    seconds = [math.inf] * len(split)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            outputs, state = [], sample
+            for index, stage in enumerate(split.stages):
+                started = time.perf_counter()
+                state = stage(state)
+                seconds[index] = min(seconds[index], time.perf_counter() - started)
+                outputs.append(state)
+    return seconds, outputs
 
 
 def _shape_of(state: Any, patch: Any) -> tuple:
