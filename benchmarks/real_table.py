@@ -2,7 +2,7 @@
 
     python benchmarks/real_table.py [--quick] [--json PATH] [--out DIR] [--models cifar10-resnet20,mnist-cnn]
         [--bits 4,3,2] [--seeds 3] [--ngen N] [--adaround-steps N] [--only CONFIGS] [--threads 1]
-        [--weights PATH] [--cifar-root DIR] [--mnist-root DIR] [--fast-ngen N]
+        [--weights PATH] [--cifar-root DIR] [--mnist-root DIR] [--fast-ngen N] [--val-from train|test]
 
 For each model and bit-width (per-channel weights) it reports, per row, validation accuracy, held-out
 **test** accuracy (mean ± std over seeds), wall seconds and evaluations per second:
@@ -22,7 +22,8 @@ validation images with evolve's default operators (``benchmarks/eval_throughput.
 
 Validation (1,000 images, the fitness) and calibration (2,048, for AdaRound and the teacher) are
 disjoint subsets of the CIFAR-10 training images; the official 10,000 test images are only ever
-scored. Paths default to this project's ``../shared/data``; the library itself never assumes it.
+scored. With ``--val-from test`` validation is 1,000 of the official test images instead (images the
+network never saw) and test the other 9,000; calibration stays the same. Paths default to this project's ``../shared/data``; the library itself never assumes it.
 ``--quick`` is a smoke run on a few hundred images whose figures mean nothing.
 """
 
@@ -121,6 +122,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--weights", default=str(DEFAULTS["weights"]), help="the CIFAR-10 ResNet-20 checkpoint")
     parser.add_argument("--cifar-root", default=str(DEFAULTS["cifar_root"]), help="CIFAR-10 folder (npz or torchvision)")
     parser.add_argument("--mnist-root", default=str(DEFAULTS["mnist_root"]), help="MNIST folder (npz or torchvision)")
+    parser.add_argument("--val-from", choices=("train", "test"), default="train",
+                        help="cifar10-resnet20's validation: training images (default) or official test images, "
+                             "test then being the other official test images")
     parser.add_argument("--fast-ngen", type=int, default=10,
                         help="generations of the fast-vs-plain timing on cifar10-resnet20 (0: skip; default 10)")
     args = parser.parse_args(argv)
@@ -171,7 +175,8 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]], models: list[str],
     for model in models:
         key = model.replace("-", "_")
         if model == "cifar10-resnet20":
-            options = {"val_size": 200, "calibration_size": 128} if args.quick else None
+            options = {"val_size": 200, "calibration_size": 128} if args.quick else {}
+            options["val_from"] = args.val_from
             zoo = load_model(model, weights=args.weights, data_root=args.cifar_root, options=options, verbose=False)
             widths = bits_list
         else:

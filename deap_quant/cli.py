@@ -101,6 +101,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calibration-size", type=_positive, default=None, metavar="N",
                        help="calibration images (AdaRound, teacher) drawn from the training images apart from "
                             "validation, for the pretrained recipes cifar10-resnetN (default: 2048)")
+    group.add_argument("--val-from", choices=("train", "test"), default=None,
+                       help="where the pretrained recipes cifar10-resnetN draw validation from: 'train' (default; "
+                            "images the network was trained on) or 'test' (--val-size official test images, which "
+                            "the network never saw; test is then the rest of them)")
     group.add_argument("--cache-dir", default=None, help="model cache (default: $XDG_CACHE_HOME/deap_quant)")
     group.add_argument("--data-seed", type=_non_negative, default=0, help="seed of the train/val/test split")
 
@@ -411,7 +415,7 @@ def _command_compare(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     command = " ".join(["deap-quant compare", f"--model {args.model}", f"--bits {args.bits}", f"--seeds {args.seeds}",
                         f"--out {out}"] + [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in
-                                           ("weights", "dataset", "data_root", "val_size", "calibration_size",
+                                           ("weights", "dataset", "data_root", "val_size", "calibration_size", "val_from",
                                             "config", "only", "ngen", "adaround_steps", "threads", "act_bits")
                                            if getattr(args, flag, None) is not None]
                        + [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag, plain in

@@ -325,6 +325,37 @@ def test_cifar10_resnet20_recipe_follows_the_protocol_and_caches_its_float_score
         load_model("cifar10-resnet20", weights=RESNET20, data_root=cifar_root, verbose=False)
 
 
+@needs_shared
+def test_cifar10_validation_from_test_images_leaves_test_disjoint_and_calibration_unchanged(cifar_root, tmp_path,
+                                                                                            capsys):
+    options = {"val_size": 100, "calibration_size": 64}
+    seen = load_model("cifar10-resnet20", weights=RESNET20, data_root=cifar_root, options=options,
+                      cache=str(tmp_path), verbose=False)
+    unseen = load_model("cifar10-resnet20", weights=RESNET20, data_root=cifar_root,
+                        options={**options, "val_from": "test"}, cache=str(tmp_path), verbose=False)
+    assert unseen.data.sizes() == {"train": 64, "val": 100, "test": 200} and not unseen.from_cache
+    assert torch.equal(unseen.data.train[0], seen.data.train[0])  # the same calibration images
+    with np.load(cifar_root / "test.npz") as data:
+        official = images_to_tensor(data["x"])
+    index = {bytes(image.numpy().tobytes()): i for i, image in enumerate(official)}
+    val = {index[bytes(image.numpy().tobytes())] for image in unseen.data.val[0]}
+    test = {index[bytes(image.numpy().tobytes())] for image in unseen.data.test[0]}
+    assert len(val) == 100 and len(test) == 200 and not val & test and val | test == set(range(300))
+    assert unseen.float_scores["val"] < seen.float_scores["val"]  # unseen images, not memorised ones
+    with pytest.raises(ModelSpecError, match=r"val_from='valid' is not valid; use one of train, test"):
+        load_model("cifar10-resnet20", weights=RESNET20, data_root=cifar_root,
+                   options={**options, "val_from": "valid"}, verbose=False)
+    with pytest.raises(ModelSpecError, match=r"val_size=300 leaves no test image of the 300"):
+        load_model("cifar10-resnet20", weights=RESNET20, data_root=cifar_root,
+                   options={"val_size": 300, "calibration_size": 64, "val_from": "test"}, verbose=False)
+    out = tmp_path / "run"
+    run_cli(capsys, "run", "--model", "cifar10-resnet20", "--weights", str(RESNET20), "--data-root", str(cifar_root),
+            "--val-size", "100", "--calibration-size", "64", "--val-from", "test", "--bits", "3", "--threads", "1",
+            "--mu", "2", "--lambda", "4", "--ngen", "1", "--no-progress", "--out", str(out))
+    result = json.loads((out / "results.json").read_text())
+    assert result["config"]["run"]["val_from"] == "test" and result["float"]["val"] == unseen.float_scores["val"]
+
+
 def run_cli(capsys, *argv: str) -> str:
     code = main(list(argv))
     captured = capsys.readouterr()
@@ -387,7 +418,7 @@ def test_mnist_cnn_trains_caches_and_runs_with_checkpoints_and_processes(mnist_r
 
 def test_recipes_are_registered_with_their_options():
     assert RECIPES["cifar10-resnet20"].pretrained and RECIPES["cifar10-resnet20"].defaults == {
-        "val_size": 1000, "calibration_size": 2048}
+        "val_size": 1000, "calibration_size": 2048, "val_from": "train"}
     assert not RECIPES["mnist-cnn"].pretrained and RECIPES["mnist-cnn"].defaults == {"val_size": 5000}
     assert {f"cifar10-resnet{d}" for d in (20, 32, 44, 56)} <= set(RECIPES)
 

@@ -23,7 +23,7 @@ __all__ = ["load_float_model", "float_model_from_settings", "ModelSpecError", "R
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Recipe options that the command line sets with a flag of their own (``val_size`` <- ``--val-size``).
-RECIPE_OPTION_FLAGS = ("val_size", "calibration_size")
+RECIPE_OPTION_FLAGS = ("val_size", "calibration_size", "val_from")
 
 
 def load_float_model(model: str, *, weights: Optional[PathLike] = None, dataset: Optional[str] = None,

@@ -14,6 +14,11 @@ are disjoint subsets of the training images. So for a pretrained recipe ``train`
 calibration subset (``calibration_size`` images) and ``val`` another ``val_size`` images; for
 ``mnist-cnn`` ``val`` is ``val_size`` training images and ``train`` the rest (what it is trained on).
 Both subsets are stratified by class and drawn with the data seed.
+
+A pretrained network has seen its training images, so validation drawn from them measures
+memorised images (ResNet-20: 99.9%). With ``val_from="test"`` the CIFAR recipes draw validation
+from the official test images instead, and ``test`` is the rest of them (10,000 - ``val_size``):
+validation then measures unseen images, and test stays disjoint from everything the search sees.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from .cifar_resnet import CifarResNet, cifar_resnet, load_cifar_resnet_state
 from .recipes import ModelSpecError, Recipe, register_recipe
 from .training import accuracy, train_classifier
 
-__all__ = ["lenet5", "carve", "cifar10_pretrained_splits", "mnist_splits", "train_mnist_cnn", "cifar_resnet_recipe",
+__all__ = ["lenet5", "carve", "cifar10_pretrained_splits", "VAL_SOURCES", "mnist_splits", "train_mnist_cnn", "cifar_resnet_recipe",
            "CIFAR_RECIPE_DEPTHS", "MNIST_EPOCHS"]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -101,14 +106,31 @@ def _subset(pair: Pair, index: np.ndarray) -> Pair:
     return pair[0][chosen], pair[1][chosen]
 
 
-def cifar10_pretrained_splits(seed: int, data_root: str, val_size: int = 1000, calibration_size: int = 2048) -> Splits:
-    """CIFAR-10 for a pretrained model: ``val`` and ``train`` (= calibration) are disjoint stratified
-    subsets of the training images, ``test`` is the official test set."""
+#: Where the pretrained CIFAR recipes draw validation from (``val_from``).
+VAL_SOURCES = ("train", "test")
+
+
+def cifar10_pretrained_splits(seed: int, data_root: str, val_size: int = 1000, calibration_size: int = 2048,
+                              val_from: str = "train") -> Splits:
+    """CIFAR-10 for a pretrained model: ``train`` (= calibration) is a stratified subset of the
+    training images; ``val`` another, disjoint one (``val_from="train"``, and ``test`` is the official
+    test set) or a stratified subset of the official test images (``val_from="test"``, and ``test`` is
+    the rest of them)."""
     val_size = _check_size("val_size", val_size)
     calibration_size = _check_size("calibration_size", calibration_size)
+    if val_from not in VAL_SOURCES:
+        raise ModelSpecError(f"val_from={val_from!r} is not valid; use one of {', '.join(VAL_SOURCES)}")
     train, test = cifar10_arrays(data_root)
+    # The same calibration images either way, so AdaRound and the teacher see the same data.
     (val, calibration), _ = carve(train[1], (val_size, calibration_size), seed)
-    return Splits(_subset(train, calibration), _subset(train, val), test, num_classes=10, name="cifar10")
+    if val_from == "train":
+        return Splits(_subset(train, calibration), _subset(train, val), test, num_classes=10, name="cifar10")
+    if val_size >= len(test[1]):
+        raise ModelSpecError(f"val_size={val_size} leaves no test image of the {len(test[1])}; use a smaller "
+                             "--val-size")
+    (val,), rest = carve(test[1], (val_size,), seed)
+    return Splits(_subset(train, calibration), _subset(test, val), _subset(test, rest), num_classes=10,
+                  name="cifar10")
 
 
 def mnist_splits(seed: int, data_root: str, val_size: int = 5000) -> Splits:
@@ -145,7 +167,7 @@ def cifar_resnet_recipe(depth: int) -> Recipe:
         name=f"cifar10-resnet{depth}", build=lambda: cifar_resnet(depth), data=data, train=None, score=accuracy,
         description=f"pretrained CIFAR ResNet-{depth} (option-A shortcuts) with --weights, CIFAR-10 from "
                     "--data-root; val and calibration from the training images, the official test set",
-        defaults={"val_size": 1000, "calibration_size": 2048}, pretrained=True,
+        defaults={"val_size": 1000, "calibration_size": 2048, "val_from": "train"}, pretrained=True,
         weights_help=f"a CIFAR-10 ResNet-{depth} state_dict or checkpoint (option-A shortcuts, inputs normalised "
                      "with the ImageNet mean/std; a 'module.' prefix is fine)",
         data_layout=CIFAR10_LAYOUT, load_weights=load)
