@@ -353,3 +353,19 @@ def test_adaround_follows_a_converted_model_and_finds_the_same_rounding(tiny_mod
     found = adaround(converted, inputs, steps=30, samples=32, seed=0).states
     assert all(torch.equal(a, b) for a, b in zip(found, expected))
     assert next(converted.module.parameters()).dtype == getattr(torch, convert)  # the model is left as it was
+
+
+def test_adaround_chain_includes_torchvision_frozen_batchnorm():
+    from torch import nn
+
+    from deap_quant.baselines.adaround import following_activations
+
+    ops = pytest.importorskip("torchvision.ops")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), ops.FrozenBatchNorm2d(4), nn.ReLU()).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].bias.uniform_(-1, 1)
+    label, post = following_activations(model, ["0"])["0"]
+    assert label == "FrozenBatchNorm2d+ReLU"
+    output = torch.randn(2, 4, 6, 6)
+    assert torch.allclose(post(output), model[2](model[1](output)))

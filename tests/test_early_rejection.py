@@ -152,3 +152,13 @@ def test_announce_only_enables_rejection_when_it_is_provably_harmless(tiny_model
     assert announce_parents(fast, wrapped, parents, 2) is None
     assert announce_parents(fast, make_toolbox(qmodel, fast, select="nsga2"), parents, 2) is None
     assert announce_parents(Evaluator(qmodel, tiny_data), make_toolbox(qmodel, fast), parents, 2) is None
+
+
+def test_a_parent_with_a_nan_loss_sets_no_threshold(tiny_model, tiny_data):
+    qmodel = quantize(tiny_model, bits=2)
+    fast = IncrementalEvaluator(qmodel, tiny_data, batch_size=4)
+    parents = individuals([0.5, 0.9, 0.7])
+    parents[0].fitness.values = (0.5, math.nan)  # e.g. logits that overflowed to inf
+    assert fast.prepare_generation(parents, mu=2) is None and fast.threshold is None
+    parents[0].fitness.values = (0.5, -math.inf)  # an infinite loss is a valid, if poor, fitness
+    assert fast.prepare_generation(parents, mu=2) == (0.7, -1.0)

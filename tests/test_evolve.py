@@ -213,3 +213,35 @@ def test_every_gene_changes_its_weight_and_results_say_how_many(tiny_model, tiny
     assert "changed" in table.splitlines()[0]
     assert table.splitlines()[3].split()[-2:] == [str(len(content["best"]["genes"])),
                                                    str(content["best"]["changed_weights"])]
+
+
+# ------------------------------------------------------------------------------ FunctionEvaluator
+def test_function_evaluator_uses_a_returned_pair_as_the_fitness(tiny_model):
+    from deap_quant import FunctionEvaluator, Individual
+
+    qmodel = quantize(tiny_model, bits=2)
+    assert FunctionEvaluator(qmodel, lambda module: (0.9, 0.125))([]) == (0.9, 0.125)
+    assert FunctionEvaluator(qmodel, lambda module: [0.9, 0.125], higher_is_better=False)([]) == (-0.9, -0.125)
+    assert FunctionEvaluator(qmodel, lambda module: 0.5)([]) == (0.5, 0.0)
+    assert FunctionEvaluator(qmodel, lambda module: {"score": 0.5}, higher_is_better=False)([]) == (-0.5, 0.0)
+    evaluator = FunctionEvaluator(qmodel, lambda module: (torch.tensor(0.75), np.float32(-1.5)))
+    fitness = evaluator([])
+    assert fitness == (0.75, -1.5) and all(type(value) is float for value in fitness)
+    individual = Individual()
+    individual.fitness.values = fitness  # fits the two-objective fitness the toolbox uses
+    assert individual.fitness.values == (0.75, -1.5)
+    for bad in ((0.9,), (0.9, 0.1, 0.2)):
+        with pytest.raises(ValueError, match=f"length {len(bad)}.*a number or a pair"):
+            FunctionEvaluator(qmodel, lambda module, bad=bad: bad)([])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_function_evaluator_score_module_restores_the_train_mode(training):
+    from deap_quant import FunctionEvaluator
+
+    modes = []
+    evaluator = FunctionEvaluator(quantize(torch.nn.Sequential(torch.nn.Linear(4, 3)), bits=2),
+                                  lambda module: modes.append(module.training) or 1.0)
+    module = torch.nn.Linear(4, 3).train(training)
+    assert evaluator.score_module(module) == {"score": 1.0}
+    assert modes == [False] and module.training is training  # scored in eval mode, then put back

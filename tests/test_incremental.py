@@ -310,3 +310,21 @@ def test_reuse_bound_counts_the_stages_an_unlimited_cache_must_rerun(tiny_model,
         fast.reuse_bound(genomes, costs=[1.0])
     with pytest.raises(ValueError, match="repeats=0"):
         fast.stage_costs(repeats=0)
+
+
+def test_a_module_left_in_training_mode_is_evaluated_in_eval_mode_and_left_as_it_was(resnet_setup):
+    from deap_quant import BatchedEvaluator
+
+    qmodel, data = resnet_setup
+    genes = [(0, 5, 1), (3, 7, -1)]
+    expected = Evaluator(qmodel, data, batch_size=16)(genes)
+    running = {name: buffer.clone() for name, buffer in qmodel.module.named_buffers()}
+    qmodel.module.train()  # a user's slip: batch statistics and running-stat updates would follow
+    try:
+        for evaluator in (Evaluator(qmodel, data, batch_size=16), IncrementalEvaluator(qmodel, data, batch_size=16),
+                          BatchedEvaluator(qmodel, data, batch_size=16, population_batch=2)):
+            assert evaluator(genes) == expected and evaluator.scores(genes)["accuracy"] == expected[0]
+            assert all(module.training for module in qmodel.module.modules())
+        assert all(torch.equal(buffer, running[name]) for name, buffer in qmodel.module.named_buffers())
+    finally:
+        qmodel.module.eval()

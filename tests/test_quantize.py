@@ -339,3 +339,59 @@ def test_genes_and_baselines_stay_on_narrow_and_auto_grids(tiny_model, tiny_data
     rounded = adaround(qmodel, tiny_data, steps=5, samples=16).states
     for states in (drawn, rounded):
         assert all(int(s.max()) < levels for s in states)
+
+
+# ------------------------------------------------------------------------------ torchvision's FrozenBatchNorm2d
+def _frozen_bn_model() -> nn.Sequential:
+    """Conv -> torchvision FrozenBatchNorm2d (far-from-identity statistics) -> ReLU."""
+    ops = pytest.importorskip("torchvision.ops")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ops.FrozenBatchNorm2d(4), nn.ReLU())
+    norm = model[1]
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    norm.weight.uniform_(-2, 2)
+    norm.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def test_fold_bn_folds_torchvision_frozen_batchnorm():
+    from deap_quant.quantization.fold import fold_bn, foldable_pairs
+
+    model = _frozen_bn_model()
+    assert foldable_pairs(model) == [("0", "1")]
+    folded = fold_bn(model)
+    assert isinstance(folded[1], nn.Identity)
+    inputs = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (folded(inputs) - model(inputs)).abs().max() < 1e-5
+    assert isinstance(quantize(model, bits=4, per_channel=False, fold_bn=True).module[1], nn.Identity)
+    assert not isinstance(quantize(model, bits=4, per_channel=False).module[1], nn.Identity)
+
+
+# ------------------------------------------------------------------------------ revert order, rebase while applied
+def test_revert_out_of_order_is_refused_and_in_order_restores_the_base(tiny_model):
+    qmodel = quantize(tiny_model, bits=3)
+    before = _weights(qmodel)
+    first = qmodel.apply_([(0, 0, 2)])
+    second = qmodel.apply_([(0, 0, -2), (1, 3, 1)])
+    with pytest.raises(ValueError, match="out of order.*revert the last applied first"):
+        qmodel.revert_(first)
+    assert not first.reverted  # refused: nothing was touched
+    qmodel.revert_(second)
+    qmodel.revert_(first)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(qmodel)))
+    assert qmodel.revision == (0, ())
+    qmodel.revert_(first)  # reverting twice stays a no-op
+
+
+def test_rebase_while_genes_are_applied_is_refused(tiny_model):
+    qmodel = quantize(tiny_model, bits=3)
+    before = _weights(qmodel)
+    new_states = qmodel.states_with([(0, 0, 1)])
+    with qmodel.applied([(1, 3, 1)]):
+        with pytest.raises(ValueError, match="rebase_ while 1 write"):
+            qmodel.rebase_(new_states)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(qmodel)))
+    qmodel.rebase_(new_states)  # with nothing open it works
+    assert torch.equal(qmodel.base_states(0), new_states[0])

@@ -57,7 +57,7 @@ from torch.func import functional_call
 
 from ..evaluation.evaluator import DataSpec, model_placement
 from ..evaluation.teacher import calibration_inputs
-from ..quantization.fold import fold_bn
+from ..quantization.fold import NORM_TYPES, fold_bn, norm_types, trace_graph
 from ..quantization.grids import UniformGrid
 from ..quantization.model import QuantizedModel
 from .common import Rounding, float_module, float_weights, grid_position
@@ -188,7 +188,7 @@ _PASS_THROUGH = (nn.Identity, nn.modules.dropout._DropoutNd)
 def _traced_graphs(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, fx.Graph]]:
     """``(prefix, module, graph)`` for ``module`` or, where it cannot be traced, its largest traceable parts."""
     try:
-        graph = fx.symbolic_trace(module).graph
+        graph = trace_graph(module)  # BatchNorms (torchvision's frozen one too) stay single nodes
     except Exception:  # data-dependent control flow, TorchScript, ...: look inside
         for name, child in module.named_children():
             yield from _traced_graphs(child, f"{prefix}{name}.")
@@ -211,6 +211,7 @@ def _chain_of(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[tuple[st
     """
     steps: list[Callable] = []
     names: list[str] = []
+    norms = norm_types()
 
     def done(extra: Optional[Callable] = None, label: str = "") -> Optional[tuple[str, list[Callable]]]:
         chain, labels = steps + ([extra] if extra is not None else []), names + ([label] if label else [])
@@ -228,8 +229,8 @@ def _chain_of(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[tuple[st
             if isinstance(module, _PASS_THROUGH):
                 node = user
                 continue
-            if (isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training
-                    and module.running_mean is not None):
+            if (isinstance(module, norms) and getattr(module, "running_mean", None) is not None
+                    and not (isinstance(module, NORM_TYPES) and module.training)):  # (a frozen one has no mode)
                 steps.append(module)
                 names.append(type(module).__name__)
                 node = user

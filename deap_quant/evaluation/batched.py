@@ -489,7 +489,7 @@ class BatchedEvaluator(IncrementalEvaluator):
             else:
                 pending[key] = [position]
         if pending:
-            with self._threads_set():
+            with self._evaluating():
                 computed = self._compute_many(list(pending), split, threshold)
             for key, outcome in computed.items():
                 self._remember(key, outcome)

@@ -7,9 +7,10 @@ model's device, and floating inputs to its floating dtype (:func:`place`), when 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..quantization.model import QuantizedModel
 from .metrics import Metric, MetricSpec, make_metric
 
-__all__ = ["Evaluator", "FunctionEvaluator", "DataSpec", "materialize", "model_placement", "place",
+__all__ = ["Evaluator", "FunctionEvaluator", "DataSpec", "eval_mode", "materialize", "model_placement", "place",
            "inputs_do_not_fit"]
 
 DataSpec = Union[DataLoader, Dataset, tuple]
@@ -92,15 +93,49 @@ def materialize(data: DataSpec, batch_size: int) -> list[tuple[Any, Any]]:
             raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
         batches = [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
     elif isinstance(data, DataLoader):
-        batches = [tuple(batch) for batch in data]
+        batches = [_pair(batch, position, "DataLoader") for position, batch in enumerate(data)]
     elif isinstance(data, Dataset):
-        batches = [tuple(batch) for batch in DataLoader(data, batch_size=batch_size, shuffle=False)]
+        batches = [_pair(batch, position, "Dataset")
+                   for position, batch in enumerate(DataLoader(data, batch_size=batch_size, shuffle=False))]
     else:
         raise TypeError(f"data must be a DataLoader, a Dataset or an (inputs, targets) tuple of tensors, "
                         f"got {type(data).__name__}")
     if not batches:
         raise ValueError("the dataset is empty; an evaluator needs at least one sample")
     return batches
+
+
+def _pair(batch: Any, position: int, source: str) -> tuple[Any, Any]:
+    """``batch`` (as a DataLoader yields it) as an ``(inputs, targets)`` tuple; ``ValueError`` if it is not a pair."""
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+        items = tuple(batch)
+        if len(items) == 2:
+            return items[0], items[1]
+        found = f"{len(items)} item{'' if len(items) == 1 else 's'}"
+    elif isinstance(batch, dict):
+        found = f"a dict with keys {list(batch)}"
+    elif isinstance(batch, torch.Tensor):
+        found = f"a single tensor of shape {tuple(batch.shape)}"
+    else:
+        found = f"a {type(batch).__name__}"
+    raise ValueError(f"expected an (inputs, targets) pair per batch; batch {position} of the {source} has {found} "
+                     "(wrap the data so that each item is an (input, target) pair)")
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` and every submodule in eval mode inside, each put back in its own mode after.
+
+    Every evaluation runs in eval mode: a module left in training mode would use batch statistics
+    and dropout, and would update its normalisation layers' running statistics.
+    """
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training
 
 
 class Evaluator:
@@ -157,7 +192,7 @@ class Evaluator:
         metric = self.metric
         metric.reset()
         batches = self.batches_for(module)
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(module):
             for inputs, targets in batches:
                 try:
                     outputs = module(inputs)
@@ -182,12 +217,7 @@ class Evaluator:
 
     def score_module(self, module: nn.Module) -> dict[str, float]:
         """Named metric values of any module (e.g. the float model) on this split."""
-        was_training = module.training
-        module.eval()
-        try:
-            return self.run(module).summary()
-        finally:
-            module.train(was_training)
+        return self.run(module).summary()
 
     @property
     def headline(self) -> str:
@@ -209,12 +239,17 @@ class Evaluator:
 
 
 class FunctionEvaluator(Evaluator):
-    """Wraps a user's ``evaluate(module) -> dict | tuple`` function as an evaluator.
+    """Wraps a user's ``evaluate(module) -> number | dict | pair`` function as an evaluator.
 
-    The function receives the quantized module with the genes applied. If it returns a dict,
-    ``key`` names the headline value and ``higher_is_better`` its direction; a tuple is used as
-    the fitness directly.
+    The function receives the quantized module with the genes applied. A number is the headline
+    value; in a dict, ``key`` names it; either gives the fitness ``(value, 0.0)``. A pair
+    ``(primary, tie_break)`` is used as the fitness directly (the two values of the toolbox's
+    :class:`~deap_quant.genome.Fitness`); any other length raises ``ValueError``.
+    ``higher_is_better=False`` negates the fitness (every component), as evolution maximises it.
     """
+
+    #: How many values a fitness holds (``Fitness.weights`` of the evolutionary side: ``(1.0, 1.0)``).
+    FITNESS_LENGTH = 2
 
     def __init__(self, qmodel: QuantizedModel, function: Callable[[nn.Module], Any], key: str = "score",
                  higher_is_better: bool = True):
@@ -224,28 +259,39 @@ class FunctionEvaluator(Evaluator):
         self.higher_is_better = higher_is_better
         self.evaluations = 0
 
-    def _call(self, module: nn.Module) -> dict[str, float]:
-        with torch.inference_mode():
-            value = self.function(module)
+    def _raw(self, module: nn.Module) -> Any:
+        with torch.inference_mode(), eval_mode(module):
+            return self.function(module)
+
+    def _named(self, value: Any) -> dict[str, float]:
         if isinstance(value, dict):
             return {k: float(v) for k, v in value.items()}
         if isinstance(value, (tuple, list)):
             return {self.key: float(value[0]), **{f"{self.key}_{i}": float(v) for i, v in enumerate(value[1:], 1)}}
         return {self.key: float(value)}
 
+    def _call(self, module: nn.Module) -> dict[str, float]:
+        return self._named(self._raw(module))
+
     def __call__(self, genes: Iterable[Sequence[int]] = ()) -> tuple[float, ...]:
         self.evaluations += 1
         with self.qmodel.applied(genes):
-            values = self._call(self.qmodel.module)
-        primary = values[self.key] if self.higher_is_better else -values[self.key]
-        return primary, 0.0
+            value = self._raw(self.qmodel.module)
+        sign = 1.0 if self.higher_is_better else -1.0
+        if isinstance(value, (tuple, list)):
+            if len(value) != self.FITNESS_LENGTH:
+                raise ValueError(f"the evaluation function returned a {type(value).__name__} of length {len(value)}; "
+                                 f"return a number or a pair (primary, tie_break): the fitness holds "
+                                 f"{self.FITNESS_LENGTH} values")
+            return tuple(sign * float(v) for v in value)
+        return sign * self._named(value)[self.key], 0.0
 
     def scores(self, genes: Iterable[Sequence[int]] = ()) -> dict[str, float]:
         with self.qmodel.applied(genes):
             return self._call(self.qmodel.module)
 
     def score_module(self, module: nn.Module) -> dict[str, float]:
-        return self._call(module.eval())
+        return self._call(module)
 
     @property
     def headline(self) -> str:

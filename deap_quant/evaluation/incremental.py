@@ -34,7 +34,7 @@ returns bit-identical fitness values, faster:
   far already exceeds the threshold's loss. The individual then gets an upper bound of its
   fitness that still ranks below every parent that set the threshold -- ``(best possible
   accuracy, inf)``, or ``(best possible accuracy, -loss so far)`` in the second case -- and
-  :meth:`IncrementalEvaluator.is_rejected` is true for it. Its exact value is computed if it is
+  :meth:`IncrementalEvaluator.is_rejected` is true for it (with ``memoize``, the default). Its exact value is computed if it is
   ever asked for without a threshold that excludes it.
 
 Batches are those of the plain evaluator (same size, same order of metric updates), so every
@@ -71,7 +71,7 @@ import torch
 
 from ..quantization.model import QuantizedModel
 from .cache import ActivationCache, CacheEntry, _storages, default_budget
-from .evaluator import DataSpec, Evaluator, inputs_do_not_fit, model_placement
+from .evaluator import DataSpec, Evaluator, eval_mode, inputs_do_not_fit, model_placement
 from .metrics import Accuracy, MetricSpec
 from .rows import bucket, changed_rows, identical_bits, put_rows, row_structured, shapes, take_rows
 from .stages import StageSpec, StageSplit, split_model
@@ -205,14 +205,16 @@ class IncrementalEvaluator(Evaluator):
         return type(self.metric) is Accuracy
 
     @contextlib.contextmanager
-    def _threads_set(self) -> Iterator[None]:
-        """The evaluation's torch thread count in force inside (``threads``; unchanged if ``None``)."""
+    def _evaluating(self) -> Iterator[None]:
+        """The evaluation's torch thread count (``threads``; unchanged if ``None``) and eval mode
+        (:func:`~.evaluator.eval_mode`) in force inside."""
         previous = torch.get_num_threads()
         change = self.threads is not None and self.threads != previous
         if change:
             torch.set_num_threads(self.threads)
         try:
-            yield
+            with eval_mode(self.qmodel.module):
+                yield
         finally:
             if change:
                 torch.set_num_threads(previous)
@@ -264,7 +266,7 @@ class IncrementalEvaluator(Evaluator):
                 return self._split
         # other weights or buffers: every stored activation and fitness is stale
         if self._split is None or self._split_layout != self._layout(token):
-            with self._threads_set():  # verified as it will be evaluated
+            with self._evaluating():  # verified as it will be evaluated
                 self._build()
             self._split_layout = self._layout(token)
         if self._cache is not None:
@@ -487,7 +489,10 @@ class IncrementalEvaluator(Evaluator):
         return self._memo.get(self.genome_key(genes))
 
     def is_rejected(self, genes: Iterable[Sequence[int]]) -> bool:
-        """Whether the stored fitness of ``genes`` is an early-rejection upper bound, not its value."""
+        """Whether the stored fitness of ``genes`` is an early-rejection upper bound, not its value.
+
+        It reads the memo: with ``memoize=False`` nothing is stored and this is always false, so
+        only a threshold set to ``None`` guarantees exact values there."""
         outcome = self.stored(genes)
         return outcome is not None and not outcome.exact
 
@@ -518,7 +523,8 @@ class IncrementalEvaluator(Evaluator):
         parent's fitness and the worst hall-of-fame member's (when the hall of fame is full):
         an offspring strictly below both can neither be selected by ``selBest`` nor enter the
         hall of fame. Every individual needs a valid two-value fitness with positive weights
-        (maximised); otherwise no threshold is set. Returns the threshold.
+        (maximised) and no NaN (which orders nothing); otherwise no threshold is set. Returns the
+        threshold.
         """
         self._prepare()
         members = list(parents) + list(hall_of_fame or [])
@@ -538,6 +544,7 @@ class IncrementalEvaluator(Evaluator):
         threshold = None
         usable = all(getattr(ind, "fitness", None) is not None and ind.fitness.valid
                      and len(ind.fitness.values) == 2 and all(w > 0 for w in ind.fitness.weights)
+                     and not any(math.isnan(v) for v in ind.fitness.values)
                      for ind in members)
         if reject and usable and mu >= 1 and len(parents) >= mu:
             threshold = sorted((tuple(ind.fitness.values) for ind in parents), reverse=True)[mu - 1]
@@ -587,7 +594,7 @@ class IncrementalEvaluator(Evaluator):
             self._memo.move_to_end(key)
             self.memo_hits += 1
             return known
-        with self._threads_set():
+        with self._evaluating():
             outcome = self._compute(key, split, threshold)
         return self._remember(key, outcome)
 
@@ -830,7 +837,7 @@ class IncrementalEvaluator(Evaluator):
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats={repeats!r} is not valid; use an integer >= 1")
         split = self._prepare()
-        with self._threads_set():
+        with self._evaluating():
             return _timed_walk(split, self.batches[0][0], repeats)[0]
 
     def stage_flops(self) -> list[int]:
@@ -842,7 +849,7 @@ class IncrementalEvaluator(Evaluator):
 
         split = self._prepare()
         flops = []
-        with torch.inference_mode():
+        with torch.inference_mode(), self._evaluating():
             state = self.batches[0][0]
             for stage in split.stages:
                 with FlopCounterMode(display=False) as counter:

@@ -7,6 +7,7 @@ signs and units (accuracy as a fraction, loss as a positive number).
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Union
 
 import torch
@@ -38,7 +39,9 @@ class Accuracy(Metric):
     """Top-k accuracy, with the mean cross-entropy as tie-breaker (a lower loss wins a tie)."""
 
     def __init__(self, k: int = 1):
-        self.k = k
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k={k!r} is not valid; use a positive integer (at most the number of classes)")
+        self.k = int(k)
         self.name = "accuracy" if k == 1 else f"top{k}"
         self.reset()
 
@@ -53,6 +56,9 @@ class Accuracy(Metric):
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= outputs.shape[1]):
             raise ValueError(f"targets range {int(targets.min())}..{int(targets.max())} does not fit the "
                              f"model's {outputs.shape[1]} outputs; valid targets are 0..{outputs.shape[1] - 1}")
+        if self.k > outputs.shape[1]:
+            raise ValueError(f"{self.name}: k={self.k} is larger than the model's {outputs.shape[1]} classes; "
+                             f"use k from 1 to {outputs.shape[1]}")
         if self.k == 1:
             hits = outputs.argmax(dim=1) == targets
         else:

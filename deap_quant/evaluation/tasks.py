@@ -157,19 +157,14 @@ class DetectionMAP(Metric):
 
 def evaluate_module(module: nn.Module, data: Any, metric: MetricSpec, batch_size: int = 512) -> dict[str, float]:
     """Summary of ``metric`` for any float ``module`` on data (a pair, a DataLoader or a Dataset)."""
-    from .evaluator import materialize, model_placement, place
+    from .evaluator import eval_mode, materialize, model_placement, place
 
     metric = make_metric(metric)
     metric.reset()
     device, dtype = model_placement(module)
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.inference_mode():
-            for inputs, targets in materialize(data, batch_size):
-                metric.update(module(place(inputs, device, dtype)), place(targets, device))
-    finally:
-        module.train(was_training)
+    with torch.inference_mode(), eval_mode(module):
+        for inputs, targets in materialize(data, batch_size):
+            metric.update(module(place(inputs, device, dtype)), place(targets, device))
     return metric.summary()
 
 

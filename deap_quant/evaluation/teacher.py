@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..quantization.model import QuantizedModel
-from .evaluator import DataSpec, Evaluator, model_placement, place
+from .evaluator import DataSpec, Evaluator, eval_mode, model_placement, place
 from .incremental import IncrementalEvaluator
 from .metrics import Metric, MetricSpec
 
@@ -153,13 +153,8 @@ def teacher_outputs(model: nn.Module, inputs: torch.Tensor, batch_size: int = 51
     made them (an evaluator moves its targets to the quantized model's device).
     """
     device, dtype = model_placement(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            chunks = [model(place(inputs[i:i + batch_size], device, dtype)) for i in range(0, len(inputs), batch_size)]
-    finally:
-        model.train(was_training)
+    with torch.inference_mode(), eval_mode(model):
+        chunks = [model(place(inputs[i:i + batch_size], device, dtype)) for i in range(0, len(inputs), batch_size)]
     outputs = torch.cat(chunks).detach().clone()
     if outputs.ndim != 2:
         raise ValueError(f"teacher fitness needs class scores of shape [batch, classes]; the model gives "
@@ -258,12 +253,7 @@ class TeacherEvaluator:
                 return self._summaries(self.qmodel.module)
 
     def score_module(self, module: nn.Module) -> dict[str, float]:
-        was_training = module.training
-        module.eval()
-        try:
-            return self._summaries(module)
-        finally:
-            module.train(was_training)
+        return self._summaries(module)
 
     def with_data(self, data: DataSpec) -> Evaluator:
         """A plain evaluator of the labelled metric on other data (used to re-score on test)."""

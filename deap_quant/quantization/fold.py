@@ -17,21 +17,23 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-__all__ = ["fold_bn", "foldable_pairs", "FOLDABLE_LAYERS", "NORM_TYPES"]
+__all__ = ["fold_bn", "foldable_pairs", "trace_graph", "NormLeafTracer", "norm_types", "FOLDABLE_LAYERS",
+           "NORM_TYPES"]
 
 #: Layer types a following BatchNorm can be folded into: their output channels are the BatchNorm's
 #: axis 1. (Linear is left out: on inputs of more than two dimensions its features are the last
 #: axis, not the BatchNorm's, which a traced graph cannot tell apart.)
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: BatchNorm types that fold (torchvision's ``FrozenBatchNorm2d`` too, see :func:`_norm_types`).
+#: BatchNorm types that fold (torchvision's ``FrozenBatchNorm2d`` too, see :func:`norm_types`).
 NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 
 
-def _norm_types() -> tuple[type, ...]:
+def norm_types() -> tuple[type, ...]:
     """:data:`NORM_TYPES` plus torchvision's frozen BatchNorm if torchvision is loaded (if it is not,
     no module can be one; importing it here would cost every ``import deap_quant`` a second)."""
     if "torchvision" in sys.modules:
@@ -41,9 +43,32 @@ def _norm_types() -> tuple[type, ...]:
     return NORM_TYPES
 
 
+class NormLeafTracer(fx.Tracer):
+    """``torch.fx`` tracer that keeps every BatchNorm of :func:`norm_types` as one ``call_module`` node.
+
+    The default tracer only keeps ``torch.nn`` modules whole; it would trace *into* torchvision's
+    ``FrozenBatchNorm2d`` (a module of ``torchvision.ops``), whose arithmetic then hides it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.norm_types = norm_types()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.norm_types) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_graph(module: nn.Module) -> fx.Graph:
+    """``module``'s fx graph with BatchNorms (torchvision's frozen one too) as leaves (see :class:`NormLeafTracer`).
+
+    Raises whatever tracing raises where ``module`` cannot be traced symbolically.
+    """
+    return NormLeafTracer().trace(module)
+
+
 def _traced_pairs(module: nn.Module) -> list[tuple[str, str]]:
     """(layer, norm) qualified names within ``module`` folded safely according to its fx graph."""
-    graph = fx.symbolic_trace(module).graph
+    graph = trace_graph(module)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -52,10 +77,10 @@ def _traced_pairs(module: nn.Module) -> list[tuple[str, str]]:
             owner = str(node.target).rsplit(".", 1)[0]
             calls[owner] = calls.get(owner, 0) + 2
     modules = dict(module.named_modules())
-    norm_types = _norm_types()
+    norms = norm_types()
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), norm_types):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), norms):
             continue
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             continue

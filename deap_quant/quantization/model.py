@@ -190,9 +190,10 @@ class QuantizedModel:
         """What this object has written into the module, as a comparable value.
 
         ``(base revision, writes in force)``: the first number changes whenever the base weights
-        are rewritten (:meth:`rebase_`, :meth:`mark_modified`, a revert out of order); the tuple
-        numbers the writes of :meth:`apply_` / :meth:`set_states_` not reverted yet. A write
-        reverted in order restores the previous value, as it restores the weights bit for bit.
+        are rewritten (:meth:`rebase_`, :meth:`mark_modified`); the tuple numbers the writes of
+        :meth:`apply_` / :meth:`set_states_` not reverted yet. Writes are reverted last first
+        (:meth:`revert_` refuses any other order), which restores the previous value, as it
+        restores the weights bit for bit.
         """
         return self._revision, tuple(self._open)
 
@@ -325,14 +326,21 @@ class QuantizedModel:
         return self._in_force(lambda: self.set_states_(changes))
 
     def revert_(self, applied: AppliedGenes) -> None:
-        """Restore exactly the values that :meth:`apply_` overwrote."""
+        """Restore exactly the values that :meth:`apply_` overwrote (a second call does nothing).
+
+        Writes are undone last first: reverting a write while a later one is still in force would put
+        back values the later write had saved over, and leave weights off the base. That raises a
+        ``ValueError`` and changes nothing.
+        """
         if applied.reverted:
             return
+        if applied.serial in self._open and self._open[-1] != applied.serial:
+            later = len(self._open) - 1 - self._open.index(applied.serial)
+            raise ValueError(f"revert_ out of order: write #{applied.serial} has {later} later write(s) still in "
+                             f"force (#{', #'.join(map(str, self._open[-later:]))}); revert the last applied first")
         self._restore(applied.saved)
         applied.reverted = True
         if applied.serial in self._open:
-            if self._open[-1] != applied.serial:  # out of order: the weights may not be the base any more
-                self._revision += 1
             self._open.remove(applied.serial)
 
     def applied(self, genes: Iterable[Sequence[int]]) -> contextlib.AbstractContextManager:
@@ -349,8 +357,13 @@ class QuantizedModel:
     def rebase_(self, states: Sequence[torch.Tensor]) -> None:
         """Make ``states`` the new base (e.g. AdaRound's rounding); genes are then offsets from it.
 
-        Weights are rewritten from the grid, and residuals are kept relative to the new base.
+        Weights are rewritten from the grid, and residuals are kept relative to the new base. Raises
+        ``ValueError`` while writes of :meth:`apply_` / :meth:`set_states_` are in force (their
+        reverts would put the old base's values back).
         """
+        if self._open:
+            raise ValueError(f"rebase_ while {len(self._open)} write(s) of apply_ / set_states_ are in force; revert "
+                             "them first (leave every `with qmodel.applied(...)` block) and rebase after")
         if len(states) != len(self.layers):
             raise ValueError(f"rebase_ got {len(states)} state tensors; the model has {len(self.layers)} layers")
         checked = []
