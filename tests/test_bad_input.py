@@ -17,10 +17,12 @@ from typing import Any, Callable
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from deap_quant import Evaluator, EvolutionConfig, GeneError, evolve, load, quantize, write_results
 from deap_quant.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from deap_quant.cli import main
+from deap_quant.evaluation.metrics import Accuracy
 from deap_quant.export import ExportError, export
 
 from .conftest import make_tiny_model
@@ -120,6 +122,16 @@ API_CASES: list[tuple[str, Callable[[Context], Any], type, str]] = [
     ("inputs and targets of different lengths", lambda c: Evaluator(c.qmodel, (torch.randn(4, 1, 8, 8),
                                                                                torch.zeros(3).long()))(()),
      ValueError, "inputs (4) and targets (3) differ in length"),
+    ("top-k accuracy with k above the number of classes",
+     lambda c: Evaluator(c.qmodel, c.data, metric=Accuracy(10))(()), ValueError,
+     "top10: k=10 is larger than the model's 4 classes; use k from 1 to 4"),
+    ("top-k accuracy with k = 0", lambda c: Accuracy(0), ValueError, "k=0 is not valid; use a positive integer"),
+    ("DataLoader yielding (inputs, targets, extra) triples",
+     lambda c: Evaluator(c.qmodel, DataLoader(TensorDataset(*c.data, c.data[1]), batch_size=8))(()), ValueError,
+     "expected an (inputs, targets) pair per batch; batch 0 of the DataLoader has 3 items"),
+    ("Dataset yielding single tensors",
+     lambda c: Evaluator(c.qmodel, TensorDataset(c.data[0]))(()), ValueError,
+     "expected an (inputs, targets) pair per batch; batch 0 of the Dataset has 1 item"),
     ("unknown metric", lambda c: Evaluator(c.qmodel, c.data, metric="f1"), ValueError,
      "metric='f1' is not valid; use one of accuracy, top5, loss"),
     ("mu > lambda for (mu,lambda)", lambda c: EvolutionConfig(algorithm="mu,lambda", mu=8, lambda_=4), ValueError,
