@@ -114,7 +114,8 @@ def paired(runs: list[dict], reference: list[dict]) -> dict[str, Any]:
     """Selection-half differences to the default, paired by (bits, data seed, evolution seed)."""
     key = lambda run: (run["bits"], run["data_seed"], run["seed"])  # noqa: E731
     base = {key(run): run["selection"] for run in reference}
-    diffs = [run["selection"] - base[key(run)] for run in runs if key(run) in base]
+    # rounded, so that equal differences in images tie (accuracies differ in a float's last bits)
+    diffs = [round(run["selection"] - base[key(run)], 12) for run in runs if key(run) in base]
     out: dict[str, Any] = {"n": len(diffs), "mean_diff": statistics.mean(diffs) if diffs else float("nan"),
                            "wins": sum(d > 1e-12 for d in diffs), "losses": sum(d < -1e-12 for d in diffs),
                            "wilcoxon_p": None}

@@ -5,7 +5,11 @@ one-line header that carries its length and SHA-256, so a truncated or corrupted
 recognised as such. It holds everything the generational loop needs to carry on as if it had
 never stopped: population and hall of fame (genes and fitness values, bit-exact), logbook,
 generation, evaluation count, the search configuration, the states of Python's ``random``,
-NumPy's and torch's global generators, and a fingerprint of the quantized model it belongs to.
+NumPy's and torch's global generators, a fingerprint of the quantized model it belongs to, and
+what the fitness values depend on beyond the model (``search``): the start rounding (its name and
+options, and a SHA-256 of the model rebased to it), the metric and a SHA-256 of the validation data.
+Resuming with another model, configuration, start, metric or validation data is refused, so that
+fitness values of two different problems are never mixed in one population.
 
 Files in a checkpoint folder: ``checkpoint.json`` (the latest) and ``checkpoint.prev.json`` (the
 one before). A new checkpoint is written to a temporary file, fsynced, and only then renamed into
@@ -22,7 +26,7 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -32,7 +36,7 @@ import torch
 
 __all__ = [
     "CheckpointError", "Checkpoint", "CHECKPOINT_FILE", "PREVIOUS_FILE", "FORMAT_VERSION",
-    "model_fingerprint", "capture_rng", "restore_rng", "encode_individual", "decode_individual",
+    "model_fingerprint", "data_fingerprint", "capture_rng", "restore_rng", "encode_individual", "decode_individual",
     "save_checkpoint", "load_checkpoint", "find_checkpoint", "check_no_checkpoint",
     "CheckpointWriter", "open_checkpoints",
 ]
@@ -67,6 +71,38 @@ def model_fingerprint(qmodel: Any) -> dict[str, Any]:
                 digest.update(f"{key}={value!r}".encode())
         digest.update(qmodel.base_states(number).contiguous().numpy().tobytes())
     return {"layers": layers, "quantization": dict(getattr(qmodel, "config", {})), "sha256": digest.hexdigest()}
+
+
+def data_fingerprint(batches: Iterable[Any]) -> str:
+    """SHA-256 of data given as a sequence of ``(inputs, targets)`` batches, in order: every tensor by
+    its dtype, shape and bytes (:func:`deap_quant.data.npz.fingerprint`), lists, tuples and dicts
+    item by item, any other value by its type and ``repr``."""
+    from .data.npz import fingerprint
+
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            try:
+                digest.update(b"T" + fingerprint(value).encode())
+            except TypeError:  # a dtype NumPy lacks (bfloat16): its bytes
+                raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                digest.update(f"T{value.dtype}{tuple(value.shape)}".encode() + fingerprint(raw).encode())
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)};".encode())
+            for item in value:
+                feed(item)
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)};".encode())
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                feed(value[key])
+        else:
+            digest.update(f"V{type(value).__name__}:{value!r};".encode())
+
+    for batch in batches:
+        feed(batch)
+    return digest.hexdigest()
 
 
 def capture_rng() -> dict[str, Any]:
@@ -133,6 +169,7 @@ class Checkpoint:
     every: int = 1
     run_info: dict[str, Any] = field(default_factory=dict)
     archives: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
     path: Optional[str] = None
 
     # ------------------------------------------------------------------ building from a live loop
@@ -140,10 +177,12 @@ class Checkpoint:
     def capture(cls, *, generation: int, config: dict[str, Any], population: Sequence, hall_of_fame: Sequence,
                 logbook: Any, evaluations: int, elapsed_seconds: float, model: dict[str, Any],
                 finished: bool = False, every: int = 1, run_info: Optional[dict[str, Any]] = None,
-                archives: Optional[dict[str, Sequence]] = None) -> Checkpoint:
+                archives: Optional[dict[str, Sequence]] = None, search: Optional[dict[str, Any]] = None
+                ) -> Checkpoint:
         """The loop's state now. ``model`` is :func:`model_fingerprint` of the model as given to
         ``evolve`` (before any rebasing start); ``archives`` are further hall-of-fame-like
-        collections to keep (e.g. NSGA-II's Pareto front)."""
+        collections to keep (e.g. NSGA-II's Pareto front); ``search`` identifies what the fitness
+        values depend on beyond the model (see :meth:`check_search`)."""
         from .versions import versions
 
         return cls(generation=int(generation), config=_plain(config),
@@ -155,7 +194,8 @@ class Checkpoint:
                    model=model, library=versions(), finished=bool(finished),
                    torch_threads=torch.get_num_threads(), every=int(every), run_info=_plain(run_info or {}),
                    archives={name: [encode_individual(ind) for ind in archive]
-                             for name, archive in (archives or {}).items()})
+                             for name, archive in (archives or {}).items()},
+                   search=_plain(search or {}))
 
     def to_dict(self) -> dict[str, Any]:
         content = {key: getattr(self, key) for key in self.__dataclass_fields__ if key != "path"}
@@ -193,6 +233,38 @@ class Checkpoint:
             raise CheckpointError(f"{where} belongs to a different model (same layer shapes, but different "
                                   "weights, grids or base rounding); resume with the model it was made for")
 
+    def check_search(self, current: dict[str, Any], keys: Iterable[str]) -> None:
+        """Refuse (with :class:`CheckpointError` naming what differs) to resume where the fitness
+        values would mean something else than in this checkpoint. ``current`` holds, like
+        :attr:`search`: ``start`` (``{"name", "options"}``), ``metric`` (``{"name", "kind"}``),
+        ``val_sha256`` (:func:`data_fingerprint` of the validation batches, None if unknown) and
+        ``base_sha256`` (:func:`model_fingerprint` of the model rebased to its start). Only ``keys``
+        are checked, and only those this checkpoint records (older ones record none)."""
+        where = self.path or "the checkpoint"
+        current = _plain(current)
+        for key in keys:
+            if key not in self.search or key not in current or self.search[key] == current[key]:
+                continue
+            saved, now = self.search[key], current[key]
+            if key == "start":
+                raise CheckpointError(f"{where} was made with start={saved.get('name')!r} (options "
+                                      f"{saved.get('options')}); this run has start={now.get('name')!r} (options "
+                                      f"{now.get('options')}); pass the start and start_options it was made with "
+                                      "to resume it")
+            if key == "metric":
+                raise CheckpointError(f"{where} was made with metric {saved.get('name')!r} ({saved.get('kind')}); "
+                                      f"this run scores with {now.get('name')!r} ({now.get('kind')}); resume with "
+                                      f"metric={saved.get('name')!r}")
+            if key == "val_sha256":
+                raise CheckpointError(f"{where} was made on other validation data (SHA-256 {_short(saved)}, this "
+                                      f"run's {_short(now)}; the same examples in the same order and batches are "
+                                      "needed); resume with the validation data and batch_size it was made with")
+            if key == "base_sha256":
+                raise CheckpointError(f"{where}: the start rounding differs from the one it was made with (SHA-256 "
+                                      f"of the rebased model {_short(saved)}, this run's {_short(now)}); resume "
+                                      "with the same start, start_options and calibration data")
+            raise CheckpointError(f"{where} was made with {key}={saved!r}, not {now!r}")
+
     def resolve_config(self, requested: Optional[dict[str, Any]]) -> dict[str, Any]:
         """The configuration to resume with: the saved one, where ``requested`` may only change ``ngen``."""
         if requested is None:
@@ -227,6 +299,10 @@ class Checkpoint:
             logbook.record(**record)
         restore_rng(self.rng)
         return population
+
+
+def _short(digest: Any) -> str:
+    return f"{digest[:12]}..." if isinstance(digest, str) else repr(digest)
 
 
 def _fill_hall_of_fame(hall_of_fame: Any, items: list) -> None:

@@ -137,7 +137,9 @@ def _add_act_arguments(group: Any) -> None:
                        help="how the activation ranges are fitted (default: minmax)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The ``deap-quant`` parser. ``suppress_defaults=True``: options of ``run`` that are not typed are left
+    out of the parsed namespace (what ``--resume`` uses to tell typed options from defaults)."""
     parser = _Parser(prog="deap-quant", description="Evolve the rounding of quantized PyTorch networks with DEAP.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"deap_quant {__version__}")
@@ -152,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--mu", type=_positive, default=20)
     search.add_argument("--lambda", dest="lambda_", type=_positive, default=40)
     search.add_argument("--ngen", type=_non_negative, default=30)
-    search.add_argument("--cxpb", type=_probability, default=0.2)
+    search.add_argument("--cxpb", type=_probability, default=None,
+                        help="crossover probability (default: 0.2 with crossover; with --crossover none only 0 is "
+                             "valid)")
     search.add_argument("--mutpb", type=_probability, default=None,
                         help="mutation probability (default: 0.8 with crossover, 1.0 with --crossover none, so that "
                              "no offspring is a plain copy)")
@@ -204,7 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(commands)
     for command in commands.choices.values():  # --debug after the command too; SUPPRESS keeps an earlier one
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    if suppress_defaults:  # (set_defaults would put SUPPRESS into the namespace as a value)
+        for action in run._actions:
+            action.default = argparse.SUPPRESS
     return parser
+
+
+def _typed_options(argv: Sequence[str]) -> set[str]:
+    """The ``run`` options given on the command line ``argv`` (whatever their values), by destination."""
+    return set(vars(build_parser(suppress_defaults=True).parse_args(list(argv))))
 
 
 _DEBUG_HELP = "on an error, show Python's traceback instead of one line"
@@ -235,8 +247,13 @@ _RESUME_MAY_CHANGE = ("ngen", "no_progress", "cache_dir", "data_root", "threads"
                       "backend", "workers", "ray_address", "debug", "device", "population_batch")
 
 
-def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, int]:
-    """The checkpointed run's arguments, with the few that may change taken from ``args``."""
+def _resumed_args(args: argparse.Namespace, typed: Optional[set[str]] = None) -> tuple[argparse.Namespace, int]:
+    """The checkpointed run's arguments, with the few that may change taken from ``args``.
+
+    ``typed`` names the options given on the command line (:func:`_typed_options`): those are taken
+    (or, if they may not change, checked) even where their value is the parser's default, e.g.
+    ``--ngen 30`` or ``--backend serial``. ``None``: options equal to their default count as not given.
+    """
     from .checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args.resume)
@@ -245,30 +262,53 @@ def _resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, int]:
         raise CLIError(f"{checkpoint.path} was not written by deap-quant run; resume it from Python with "
                        "evolve(..., resume=...)")
     defaults = vars(build_parser().parse_args(["run"]))
+
+    def given(key: str) -> bool:
+        return key in typed if typed is not None else getattr(args, key) != defaults.get(key)
+
     for key, value in vars(args).items():
-        if key in ("command", "resume") or key in _RESUME_MAY_CHANGE or value == defaults.get(key):
+        if key in ("command", "resume") or key in _RESUME_MAY_CHANGE or not given(key):
             continue
-        if key in saved and value != saved[key]:
+        recorded = saved.get(key, defaults.get(key))
+        if value != recorded:
             option = "--" + key.rstrip("_").replace("_", "-")
-            raise CLIError(f"{option} {value} differs from the checkpointed run's {saved[key]}; drop it when "
+            raise CLIError(f"{option} {value} differs from the checkpointed run's {recorded}; drop it when "
                            "resuming (only --ngen may be raised)")
     if args.out is not None and Path(args.out).resolve() != Path(checkpoint.path).parent.resolve():
         raise CLIError(f"--out {args.out} differs from the resumed folder {Path(checkpoint.path).parent}; "
                        "drop --out when resuming")
     merged = {**defaults, **saved, "resume": args.resume, "out": str(Path(checkpoint.path).parent)}
     for key in _RESUME_MAY_CHANGE:
-        if key != "out" and getattr(args, key) != defaults.get(key):
+        if key != "out" and given(key):
             merged[key] = getattr(args, key)
     return argparse.Namespace(**merged), checkpoint.torch_threads
 
 
-def _command_run(args: argparse.Namespace) -> int:
+def _evolution_probabilities(args: argparse.Namespace, crossover: Optional[str]) -> tuple[float, float]:
+    """``(cxpb, mutpb)`` from ``--cxpb``/``--mutpb`` and their defaults, refusing what cannot run, naming
+    any default that took part."""
+    if crossover is None and args.cxpb:
+        raise CLIError(f"--cxpb {args.cxpb:g} needs a crossover, but --crossover is none (offspring are made by "
+                       "mutation alone); drop --cxpb or choose --crossover uniform, one_point or layer_swap")
+    cxpb = args.cxpb if args.cxpb is not None else 0.2 if crossover else 0.0
+    mutpb = args.mutpb if args.mutpb is not None else 0.8 if crossover else 1.0
+    if args.algorithm != "simple" and cxpb + mutpb > 1.0 + 1e-12 and (args.cxpb is None or args.mutpb is None):
+        shown = [f"--cxpb {cxpb:g}" + ("" if args.cxpb is not None else " (cxpb's default with a crossover)"),
+                 f"--mutpb {mutpb:g}" + ("" if args.mutpb is not None else " (mutpb's default with a crossover)")]
+        fix = f"give --mutpb {1 - cxpb:g} or less" if args.mutpb is None else f"give --cxpb {1 - mutpb:g} or less"
+        raise CLIError(f"{shown[0]} + {shown[1]} = {cxpb + mutpb:g} is more than 1, which --algorithm "
+                       f"{args.algorithm} does not allow (an offspring is made by crossover or by mutation); {fix}")
+    return cxpb, mutpb
+
+
+def _command_run(args: argparse.Namespace, typed: Optional[set[str]] = None) -> int:
     from . import EvolutionConfig, QuantConfig, evolve, quantize
     from .report import check_writable, format_table, write_results
 
     checkpoint_threads = None
-    if args.resume is not None:
-        args, checkpoint_threads = _resumed_args(args)
+    resuming = args.resume is not None
+    if resuming:
+        args, checkpoint_threads = _resumed_args(args, typed)
 
     if args.device is not None:  # before any work: a device this machine lacks is a one-line error
         from .evaluation.batched import resolve_device
@@ -283,9 +323,12 @@ def _command_run(args: argparse.Namespace) -> int:
             raise CLIError(str(error)) from None
 
     crossover = None if args.crossover == "none" else args.crossover
-    config = EvolutionConfig(mu=args.mu, lambda_=args.lambda_, ngen=args.ngen,
-                             cxpb=args.cxpb if crossover else 0.0,
-                             mutpb=args.mutpb if args.mutpb is not None else 0.8 if crossover else 1.0,
+    if resuming:  # as the checkpointed run computed them (it recorded --cxpb 0.2 with --crossover none as 0)
+        cxpb = args.cxpb if crossover and args.cxpb is not None else 0.2 if crossover else 0.0
+        mutpb = args.mutpb if args.mutpb is not None else 0.8 if crossover else 1.0
+    else:
+        cxpb, mutpb = _evolution_probabilities(args, crossover)
+    config = EvolutionConfig(mu=args.mu, lambda_=args.lambda_, ngen=args.ngen, cxpb=cxpb, mutpb=mutpb,
                              algorithm=args.algorithm,
                              hof_size=args.hof_size, seed=args.seed, init_genes=args.init_genes,
                              layer_choice=args.layer_choice, sampler=args.sampler, crossover=crossover)
@@ -383,7 +426,8 @@ def _add_compare_parser(commands: Any) -> None:
                          help="configuration file (JSON; default: the shipped set)")
     compare.add_argument("--only", default=None, metavar="A,B,C", help="run only these configurations")
     compare.add_argument("--list", action="store_true", help="list the configurations and exit")
-    compare.add_argument("--ngen", type=_non_negative, default=None, help="override every configuration's ngen")
+    compare.add_argument("--ngen", type=_non_negative, default=None,
+                         help="override every configuration's ngen (also one a configuration sets itself)")
     compare.add_argument("--adaround-steps", type=_positive, default=None, help="override AdaRound's steps per layer")
     compare.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
     compare.add_argument("--out", default=None, help="output folder (default: runs/compare-MODEL-BITSbit)")
@@ -454,6 +498,7 @@ def _describe(error: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     debug = False
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
         debug = bool(getattr(args, "debug", False))
@@ -463,6 +508,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for option in ("weights", "data_root"):  # recorded in run folders: absolute, so export works from anywhere
             if getattr(args, option, None):
                 setattr(args, option, os.path.abspath(os.path.expanduser(getattr(args, option))))
+        if args.command == "run" and args.resume is not None:
+            return _command_run(args, _typed_options(argv))
         return COMMANDS[args.command](args)
     except CLIError as error:
         print(f"deap-quant: error: {_one_line(error)}", file=sys.stderr)

@@ -14,16 +14,22 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 from deap import algorithms, tools
 
-from .baselines import StartSpec, changed_weights, resolve_start
-from .checkpoint import load_checkpoint, open_checkpoints
+from .baselines import Rounding, StartSpec, changed_weights, resolve_start
+from .checkpoint import (
+    CheckpointError,
+    data_fingerprint,
+    load_checkpoint,
+    model_fingerprint,
+    open_checkpoints,
+)
 from .evaluation.batched import BatchedEvaluator, resolve_device
 from .evaluation.evaluator import DataSpec, Evaluator, model_placement
 from .evaluation.incremental import IncrementalEvaluator, announce_parents
@@ -31,12 +37,67 @@ from .evaluation.metrics import MetricSpec
 from .genome import Individual
 from .parallel import make_map
 from .quantization.model import QuantizedModel
-from .toolbox import gene_effects, make_toolbox
+from .toolbox import CROSSOVERS, gene_effects, make_toolbox
 from .versions import versions
 
-__all__ = ["EvolutionConfig", "EvolutionResult", "evolve", "ALGORITHMS"]
+__all__ = ["EvolutionConfig", "EvolutionResult", "evolve", "check_evolution_options", "ALGORITHMS", "SAMPLERS",
+           "LAYER_CHOICES"]
 
 ALGORITHMS = ("mu+lambda", "mu,lambda", "simple", "nsga2")
+SAMPLERS = ("uniform", "residual")
+#: Named layer choices; a list of per-layer weights is valid too.
+LAYER_CHOICES = ("uniform", "size")
+_AT_LEAST = {"mu": 1, "lambda_": 1, "hof_size": 1, "max_offset": 1, "ngen": 0, "seed": 0, "init_genes": 0}
+
+
+def _valid_layer_weights(value: Any) -> bool:
+    if not isinstance(value, (list, tuple, np.ndarray)) or len(value) == 0:
+        return False
+    if any(isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) for w in value):
+        return False
+    weights = [float(w) for w in value]
+    return all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0
+
+
+def _option_error(name: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not valid for the :class:`EvolutionConfig` field ``name`` (None: it is)."""
+    if name in _AT_LEAST:
+        least = _AT_LEAST[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            return f"{name}={value!r} is not valid; use an integer >= {least}"
+    elif name in ("cxpb", "mutpb"):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+                or not 0.0 <= value <= 1.0):
+            return f"{name}={value!r} is not valid; use a probability in [0, 1]"
+    elif name == "algorithm":
+        if value not in ALGORITHMS:
+            return f"algorithm={value!r} is not valid; use one of {', '.join(ALGORITHMS)}"
+    elif name == "sampler":
+        if value not in SAMPLERS:
+            return f"sampler={value!r} is not valid; use {' or '.join(repr(s) for s in SAMPLERS)}"
+    elif name == "layer_choice":
+        if not (value in LAYER_CHOICES if isinstance(value, str) else _valid_layer_weights(value)):
+            return (f"layer_choice={value!r} is not valid; use {', '.join(repr(c) for c in LAYER_CHOICES)} or a "
+                    "list of per-layer weights (non-negative numbers with a positive sum, one per quantized layer)")
+    elif name == "crossover":
+        if value is not None and (not isinstance(value, str) or value not in CROSSOVERS):
+            return f"crossover={value!r} is not valid; use one of {', '.join(CROSSOVERS)} or None"
+    elif name == "include_base":
+        if not isinstance(value, bool):
+            return f"include_base={value!r} is not valid; use True or False"
+    return None
+
+
+def check_evolution_options(options: Mapping[str, Any], where: str = "") -> None:
+    """Check each :class:`EvolutionConfig` field in ``options`` on its own (not how they combine),
+    raising ``ValueError`` (prefixed with ``where``) that names the bad value and the valid ones.
+
+    For partial options (e.g. a comparison's configuration over shared defaults); other keys are ignored.
+    """
+    for name, value in options.items():
+        message = _option_error(name, value)
+        if message is not None:
+            raise ValueError(f"{where}{message}")
 
 
 class _Default:
@@ -68,20 +129,7 @@ class EvolutionConfig:
     include_base: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("mu", "lambda_", "hof_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not valid; use an integer >= 1")
-        for name in ("ngen", "seed", "init_genes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} is not valid; use an integer >= 0")
-        for name in ("cxpb", "mutpb"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0 or math.isnan(value):
-                raise ValueError(f"{name}={value!r} is not valid; use a probability in [0, 1]")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm={self.algorithm!r} is not valid; use one of {', '.join(ALGORITHMS)}")
+        check_evolution_options({f.name: getattr(self, f.name) for f in fields(self)})
         if self.algorithm != "simple" and self.cxpb + self.mutpb > 1.0 + 1e-12:
             raise ValueError(f"cxpb + mutpb = {self.cxpb + self.mutpb:g} is not valid for {self.algorithm}; "
                              "their sum must be at most 1")
@@ -151,6 +199,32 @@ class EvolutionResult:
         }
 
 
+def _start_name(start: StartSpec) -> Optional[str]:
+    """What names ``start`` before it is computed: a start's name, a Rounding's, a callable's, or ``"custom"``."""
+    if start is None or isinstance(start, str):
+        return start
+    if isinstance(start, Rounding):
+        return start.name
+    return getattr(start, "__name__", "custom") if callable(start) else "custom"
+
+
+def _search_identity(evaluator: Any, start: StartSpec, start_options: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint records, beyond the model, to refuse a resume on which fitness values would mean
+    something else: the start (name, options), the metric and a SHA-256 of the validation data (of the
+    batches an :class:`Evaluator` holds; None for other evaluators). See ``Checkpoint.check_search``."""
+    metric = getattr(evaluator, "metric", None)
+    identity: dict[str, Any] = {
+        "start": {"name": _start_name(start), "options": dict(start_options or {})},
+        "metric": {"name": getattr(evaluator, "headline", None),
+                   "kind": type(metric).__name__ if metric is not None else type(evaluator).__name__},
+        "val_sha256": None}
+    if isinstance(evaluator, Evaluator) and (getattr(evaluator, "data", None) is not None
+                                             or getattr(evaluator, "_batches", None) is not None):
+        evaluator.batches_for(evaluator.qmodel.module)  # materialized (and placed) as its first evaluation would
+        identity["val_sha256"] = data_fingerprint(evaluator._batches)
+    return identity
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -202,7 +276,10 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
     ``"adaround"`` needs ``calibration=`` (training inputs; ``float_model`` gives its targets if
     passed), ``"stochastic"`` picks the best of N draws by the validation fitness; options of
     either go in ``start_options`` (e.g. ``{"steps": 1000}`` or ``{"draws": 20}``), seeded by
-    ``seed``. The start is recomputed on ``resume``.
+    ``seed``. The start is recomputed on ``resume``: checkpoints record the start's name and options,
+    the metric, and SHA-256s of the validation data and of the model rebased to its start, and a
+    resume where any of these differ is refused (:class:`~deap_quant.checkpoint.CheckpointError`
+    naming it), so fitness values of two different problems are never mixed.
 
     ``algorithm="nsga2"`` runs NSGA-II (``(mu+lambda)`` with ``tools.selNSGA2``) over
     (validation metric, number of changed weights); its Pareto front, re-scored on test after the
@@ -289,14 +366,31 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
                                          population_batch=population_batch)
         else:
             evaluator = (IncrementalEvaluator if fast else Evaluator)(qmodel, val, metric=metric, batch_size=batch_size)
+    search = None
+    if checkpoints is not None:  # what fitness values depend on beyond the model, checked before the start runs
+        search = _search_identity(evaluator, start, start_options)
+        if resumed is not None:
+            resumed.check_search(search, ("start", "metric", "val_sha256"))
     start_info = None
+    given_states = None
     if start is not None:  # before the toolbox: residual-guided sampling reads the rebased residuals
+        if resumed is not None:  # put back if the resume is refused below
+            given_states = [qmodel.base_states(layer).clone() for layer in range(len(qmodel.layer_table()))]
         rounding = resolve_start(start, qmodel, evaluator=evaluator, calibration=calibration,
                                  float_model=float_model, seed=config.seed, options=start_options)
         start_info = {"name": rounding.name, "changed_weights": changed_weights(qmodel, rounding.states),
                       "seconds": rounding.seconds, "evaluations": rounding.evaluations,
                       "details": dict(getattr(rounding, "details", None) or {})}
         qmodel.rebase_(rounding.states)
+    if search is not None:
+        search["base_sha256"] = model_fingerprint(qmodel)["sha256"]  # grids and the (rebased) base states
+        if resumed is not None:
+            try:
+                resumed.check_search(search, ("base_sha256",))
+            except CheckpointError:
+                if given_states is not None:
+                    qmodel.rebase_(given_states)  # the model as it was given
+                raise
     if toolbox is None:
         toolbox = make_toolbox(qmodel, evaluator, **config.toolbox_options)
     parallel = make_map(backend, workers, toolbox.evaluate, ray_address=ray_address)  # workers start here, once
@@ -336,8 +430,14 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
         if checkpoints is not None and checkpoints.due(gen, finished):
             checkpoints.save(generation=gen, config=config.to_dict(), population=population,
                              hall_of_fame=hall_of_fame, logbook=logbook, evaluations=evaluations,
-                             elapsed_seconds=time.perf_counter() - started, finished=finished, archives=archives)
+                             elapsed_seconds=time.perf_counter() - started, finished=finished, archives=archives,
+                             search=search)
 
+    def no_threshold() -> None:  # an early-rejection threshold holds only for the generation that set it
+        if hasattr(evaluator, "reject_below"):
+            evaluator.reject_below(None)
+
+    no_threshold()
     if resumed is None:
         population = toolbox.population(n=config.mu)
         if config.include_base and population:
@@ -375,6 +475,8 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
                 offspring = algorithms.varOr(population, toolbox, config.lambda_, config.cxpb, config.mutpb)
             if config.algorithm == "mu+lambda":  # a fast evaluator may then stop offspring that cannot be selected
                 announce_parents(evaluator, toolbox, population, config.mu, hall_of_fame)
+            else:
+                no_threshold()
             nevals = evaluate(offspring)
             evaluations += nevals
             hall_of_fame.update(offspring)
@@ -398,8 +500,7 @@ def evolve(qmodel: QuantizedModel, val: DataSpec = None, test: Optional[DataSpec
     finally:
         if bar is not None:
             bar.close()
-        if hasattr(evaluator, "reject_below"):
-            evaluator.reject_below(None)
+        no_threshold()
         parallel_info = parallel.describe()
         parallel.close()
         toolbox.map = own_map  # a caller's toolbox gets its map back, not a closed one

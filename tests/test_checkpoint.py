@@ -23,6 +23,7 @@ from deap_quant.checkpoint import (
     CheckpointError,
     capture_rng,
     load_checkpoint,
+    model_fingerprint,
     restore_rng,
     save_checkpoint,
 )
@@ -280,3 +281,54 @@ def test_cli_resume_refuses_changed_settings_and_leaves_the_folder_alone(tmp_pat
     assert main(["run", "--out", str(out), "--checkpoint-every", "1", "--no-progress"]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _flipped_start(weight: int):
+    """A start rounding: nearest with one weight of the first layer moved up a level (or down at the top)."""
+    def start(qmodel):
+        states = [qmodel.base_states(layer).clone() for layer in range(len(qmodel.layers))]
+        flat = states[0].view(-1)
+        flat[weight] = flat[weight] + 1 if int(flat[weight]) < qmodel.layer_table()[0].n_levels - 1 else flat[weight] - 1
+        return states
+    return start
+
+
+def test_resume_refuses_another_start_metric_or_validation_data(qmodel, tiny_data, tmp_path):
+    options = {**OPTIONS, "ngen": 3, "start": "stochastic", "start_options": {"draws": 3}}
+    full = evolve(quantize(make_tiny_model(), bits=2), tiny_data, tiny_data, **options)
+    evolve(quantize(make_tiny_model(), bits=2), tiny_data, tiny_data, checkpoint=tmp_path,
+           **{**options, "ngen": 1})
+    search = load_checkpoint(tmp_path).search
+    assert search["start"] == {"name": "stochastic", "options": {"draws": 3}}
+    assert search["metric"] == {"name": "accuracy", "kind": "Accuracy"}
+    assert len(search["val_sha256"]) == 64 and len(search["base_sha256"]) == 64
+    fresh = lambda: quantize(make_tiny_model(), bits=2)  # noqa: E731
+    with pytest.raises(CheckpointError, match=r"start='stochastic' \(options \{'draws': 3\}\); this run has "
+                                              r"start=None \(options \{\}\)"):
+        evolve(fresh(), tiny_data, resume=tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match=r"options \{'draws': 3\}\); this run has start='stochastic' "
+                                              r"\(options \{'draws': 4\}\)"):
+        evolve(fresh(), tiny_data, resume=tmp_path, start="stochastic", start_options={"draws": 4}, progress=False)
+    with pytest.raises(CheckpointError, match="metric 'accuracy' .Accuracy.; this run scores with 'loss'"):
+        evolve(fresh(), tiny_data, resume=tmp_path, start="stochastic", start_options={"draws": 3}, metric="loss",
+               progress=False)
+    inputs, targets = tiny_data
+    with pytest.raises(CheckpointError, match="on other validation data"):
+        evolve(fresh(), (inputs, (targets + 1) % 4), resume=tmp_path, start="stochastic",
+               start_options={"draws": 3}, progress=False)
+    assert load_checkpoint(tmp_path).generation == 1  # nothing was written by the refused resumes
+    resumed = evolve(fresh(), tiny_data, tiny_data, resume=tmp_path, ngen=3, start="stochastic",
+                     start_options={"draws": 3}, progress=False)
+    assert_same_run(resumed, full)
+
+
+def test_resume_refuses_a_start_that_rounds_differently_under_the_same_name(tiny_data, tmp_path):
+    evolve(quantize(make_tiny_model(), bits=2), tiny_data, checkpoint=tmp_path, start=_flipped_start(0),
+           **{**OPTIONS, "ngen": 1})
+    given = quantize(make_tiny_model(), bits=2)
+    before = model_fingerprint(given)
+    with pytest.raises(CheckpointError, match="start rounding differs"):
+        evolve(given, tiny_data, resume=tmp_path, start=_flipped_start(1), progress=False)
+    assert model_fingerprint(given) == before  # a refused resume leaves the model as it was given
+    resumed = evolve(given, tiny_data, resume=tmp_path, start=_flipped_start(0), progress=False)
+    assert resumed.details["resumed_from_generation"] == 1

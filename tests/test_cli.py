@@ -139,3 +139,47 @@ def test_range_and_mutation_only_settings_reach_the_run(tmp_path, digits_zoo):
     content = json.loads((default / "results.json").read_text())
     assert content["config"]["quantization"]["range"] == "auto" and content["config"]["mutpb"] == 0.8
     assert all(layer["n_levels"] == 4 for layer in content["details"]["layers"])
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the options were checked")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cxpb", "0.5"], "--cxpb 0.5 + --mutpb 0.8 (mutpb's default with a crossover) = 1.3 is more than 1"),
+    (["--cxpb", "0.5", "--algorithm", "nsga2"], "give --mutpb 0.5 or less"),
+    (["--crossover", "none", "--cxpb", "0.7"], "--cxpb 0.7 needs a crossover, but --crossover is none"),
+])
+def test_evolution_flag_conflicts_are_explained_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("deap_quant.cli._load_float_model", _no_model)
+    assert main(["run", *argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deap-quant: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_crossover_none_with_cxpb_0_and_simple_with_a_large_cxpb_are_accepted(tmp_path, monkeypatch):
+    class Loaded(Exception):
+        pass
+
+    def loaded(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr("deap_quant.cli._load_float_model", loaded)
+    for argv in (["--crossover", "none", "--cxpb", "0"], ["--algorithm", "simple", "--cxpb", "0.5"]):
+        with pytest.raises(Loaded):  # the options passed every check: the run went on to load the model
+            main(["run", *argv, "--out", str(tmp_path / "run"), "--no-progress", "--debug"])
+
+
+def test_resume_takes_typed_options_even_when_they_equal_the_parser_default(tmp_path, digits_zoo, capsys):
+    """--ngen 30 (the default) on --resume is honoured, and --bits 2 (the default) against a 3-bit run is refused."""
+    out = tmp_path / "run"
+    small = ["--mu", "2", "--lambda", "2", "--init-genes", "1", "--no-progress", "--checkpoint-every", "1"]
+    assert main(["run", "--ngen", "2", "--out", str(out), *small]) == 0
+    assert main(["run", "--resume", str(out), "--ngen", "30", "--no-progress"]) == 0
+    content = json.loads((out / "results.json").read_text())
+    assert content["config"]["ngen"] == 30 and content["logbook"][-1]["gen"] == 30
+    three = tmp_path / "three"
+    assert main(["run", "--bits", "3", "--ngen", "1", "--out", str(three), *small]) == 0
+    capsys.readouterr()
+    assert main(["run", "--resume", str(three), "--bits", "2"]) == 2
+    assert "--bits 2 differs from the checkpointed run's 3" in capsys.readouterr().err

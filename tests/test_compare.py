@@ -265,3 +265,46 @@ def test_compare_passes_weights_and_data_root_to_a_recipe(tiny_model, tiny_split
     assert len(result.rows) == 1
     with pytest.raises(ValueError, match="go with a zoo recipe name"):
         compare((tiny_model, tiny_splits), configs, seeds=[0], weights="w.th", progress=False)
+
+
+def test_paired_wilcoxon_treats_equal_accuracy_differences_as_ties():
+    """Differences of 2 images out of 360 are ties, whatever last bits the float subtraction leaves."""
+    reference, config = [338, 331, 342, 343, 331], [338, 329, 340, 345, 333]  # 0, -2, -2, +2, +2 images
+    rows = ([{"config": "es", "seed": s, "test": c / 360} for s, c in enumerate(config)]
+            + [{"config": "ada", "seed": s, "test": r / 360} for s, r in enumerate(reference)])
+    assert len({abs(c / 360 - r / 360) for c, r in zip(config, reference)} - {0.0}) == 2  # the round-off is there
+    row = paired_tests(rows, [("es", "ada")])[0]
+    exact = stats.wilcoxon([c - r for c, r in zip(config, reference)], alternative="greater").pvalue
+    assert exact == pytest.approx(0.6875)
+    assert row["p_wilcoxon_greater"] == pytest.approx(exact)
+    assert (row["wins"], row["losses"]) == (2, 2)
+
+
+def test_reference_baseline_is_matched_by_method_and_grid(tiny_model, tiny_splits):
+    """An evolutionary configuration is paired with the baseline of its start method on its own grid."""
+    configs = [RunConfig("adaround", kind="baseline", method="adaround", scale_method="mse"),
+               RunConfig("rtn-minmax", kind="baseline", method="nearest", scale_method="minmax"),
+               RunConfig("es-minmax-from-adaround", start="adaround", scale_method="minmax"),
+               RunConfig("es-minmax-from-nearest", start="nearest", scale_method="minmax"),
+               RunConfig("es-mse-from-adaround", start="adaround", scale_method="mse")]
+    settings = {**TINY, "evolution": {"mu": 2, "lambda_": 2, "ngen": 1}}
+    result = compare((tiny_model, tiny_splits), configs, seeds=[0], settings=settings, progress=False)
+    pairs = {(p["config"], p["reference"]) for p in result.paired}
+    # the mse AdaRound baseline is not the start of the minmax search; the minmax nearest baseline is,
+    # whatever its name
+    assert pairs == {("es-minmax-from-nearest", "rtn-minmax"), ("es-mse-from-adaround", "adaround")}
+
+
+def test_cli_compare_ngen_overrides_a_configurations_own_ngen(digits_zoo, tmp_path):
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({
+        "evolution": {"mu": 2, "lambda_": 2, "ngen": 3, "cxpb": 0.0, "mutpb": 1.0, "crossover": None},
+        "configs": [{"name": "nearest-mse", "kind": "baseline", "method": "nearest"},
+                    {"name": "es", "start": "nearest"},
+                    {"name": "es-long", "start": "nearest", "evolution": {"ngen": 4, "mu": 3}}]}))
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", "--config", str(path), "--seeds", "1", "--ngen", "1", "--out", str(out),
+                     "--no-progress"]) == 0
+    runs = {r["config"]: r for r in json.loads((out / "runs.json").read_text())["runs"]}
+    assert {name: len(runs[name]["details"]["curve"]) - 1 for name in ("es", "es-long")} == {"es": 1, "es-long": 1}
+    assert runs["es-long"]["evaluations"] == 3 + 2  # its own mu=3 is kept: only what --ngen names is overridden

@@ -75,6 +75,20 @@ def test_identical_on_digits_cnn_with_the_default_evolve(digits_zoo):
     assert outcome(fast_result) == outcome(plain_result)
 
 
+@pytest.mark.parametrize("algorithm", ["mu,lambda", "mu+lambda", "simple"])
+def test_a_threshold_left_on_the_evaluator_is_not_used(tiny_model, tiny_data, algorithm):
+    """A caller's own threshold must not leak into evolve: not into generation 0, nor into the
+    generations of algorithms that announce no parents."""
+    qmodel = quantize(tiny_model, bits=2)
+    fast = IncrementalEvaluator(qmodel, tiny_data, batch_size=4)
+    fast.reject_below((0.99, 0.0))  # e.g. left over from the caller's own loop
+    options = dict(mu=4, lambda_=8, ngen=3, init_genes=3, seed=0, algorithm=algorithm, progress=False)
+    with_fast = evolve(qmodel, evaluator=fast, **options)
+    with_plain = evolve(qmodel, evaluator=Evaluator(qmodel, tiny_data, batch_size=4), **options)
+    assert outcome(with_fast) == outcome(with_plain)
+    assert fast.threshold is None
+
+
 def test_mu_comma_lambda_gets_no_threshold(tiny_model, tiny_data):
     qmodel = quantize(tiny_model, bits=2)
     fast, _, with_fast, with_plain = run_both(qmodel, tiny_data, 4, mu=4, lambda_=8, ngen=4, init_genes=3,

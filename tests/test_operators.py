@@ -191,3 +191,22 @@ def test_shift_and_move_stay_on_the_grid():
         mut_shift_offset(ind, space) if random.random() < 0.5 else mut_move_gene(ind, space)
         for layer, index, offset in ind:
             assert 0 <= int(base[layer][index]) + offset <= 3 and offset != 0
+
+
+def test_cx_one_point_never_returns_the_parents_unchanged():
+    """As DEAP's cxOnePoint, the cut leaves both sides non-empty: with parents on disjoint weights each
+    child takes something from each side, so neither child is either parent."""
+    random.seed(0)
+    space = GeneSpace([500, 500], max_offset=1)
+    checked = 0
+    for _ in range(2000):
+        a, b = individual(space.sample(random.randint(1, 4))), individual(space.sample(random.randint(1, 4)))
+        if {(g.layer, g.index) for g in a} & {(g.layer, g.index) for g in b}:
+            continue
+        parents = [list(a), list(b)]
+        cx_one_point(a, b)
+        assert list(a) not in parents and list(b) not in parents, parents
+        checked += 1
+    assert checked > 1900
+    single = individual([(0, 3, 1)])
+    assert cx_one_point(single, individual([]))[0] == [Gene(0, 3, 1)]  # one weight in all: nothing to cut

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from ..baselines import AdaRoundConfig
-from ..evolve import EvolutionConfig
+from ..evolve import EvolutionConfig, check_evolution_options
 from ..quantization.model import QuantizedModel
 from ..quantization.quantize import QuantConfig
 
@@ -81,6 +81,7 @@ class RunConfig:
         if unknown:
             raise ValueError(f"config {self.name!r}: unknown evolution option(s) {sorted(unknown)}; valid: "
                              f"{', '.join(sorted(_EVOLUTION_FIELDS))} (the seed comes from the comparison)")
+        check_evolution_options(self.evolution, where=f"config {self.name!r}: ")
         if self.toolbox is not None and not callable(self.toolbox):
             raise ValueError(f"config {self.name!r}: toolbox must be a callable (qmodel, evaluator, config) -> Toolbox")
 
@@ -108,7 +109,9 @@ class RunConfig:
 class CompareSettings:
     """Settings shared by every configuration of a comparison; checked on construction.
 
-    ``evolution``: default :class:`EvolutionConfig` fields of every evolutionary configuration.
+    ``evolution``: default :class:`EvolutionConfig` fields of every evolutionary configuration (its
+    own ``evolution`` options win). ``evolution_overrides``: fields forced on every evolutionary
+    configuration, over its own (e.g. ``deap-quant compare --ngen``).
     ``adaround``: :class:`~deap_quant.baselines.AdaRoundConfig` fields (the seed is the run's).
     ``teacher_samples``: training inputs in the teacher's calibration split (``None``: all),
     of which the share ``holdout`` is held out for ``select="holdout"`` and never searched on.
@@ -122,6 +125,7 @@ class CompareSettings:
     per_channel: bool = True
     symmetric: bool = True
     evolution: Mapping[str, Any] = field(default_factory=dict)
+    evolution_overrides: Mapping[str, Any] = field(default_factory=dict)
     adaround: Mapping[str, Any] = field(default_factory=dict)
     stochastic_draws: int = 20
     teacher_samples: Optional[int] = None
@@ -134,9 +138,13 @@ class CompareSettings:
     def __post_init__(self) -> None:
         QuantConfig(bits=self.bits, per_channel=self.per_channel, symmetric=self.symmetric, act_bits=self.act_bits,
                     act_observer=self.act_observer)
-        unknown = set(self.evolution) - _EVOLUTION_FIELDS
-        if unknown:
-            raise ValueError(f"unknown evolution option(s) {sorted(unknown)}; valid: {', '.join(sorted(_EVOLUTION_FIELDS))}")
+        for name in ("evolution", "evolution_overrides"):
+            options = getattr(self, name)
+            unknown = set(options) - _EVOLUTION_FIELDS
+            if unknown:
+                raise ValueError(f"unknown {name.replace('_', ' ')} option(s) {sorted(unknown)}; valid: "
+                                 f"{', '.join(sorted(_EVOLUTION_FIELDS))}")
+            check_evolution_options(options, where=f"{name}: ")
         if "seed" in self.adaround:
             raise ValueError("adaround.seed is not valid here; every run uses its own seed")
         AdaRoundConfig(**self.adaround)
@@ -154,7 +162,17 @@ class CompareSettings:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["evolution"], out["adaround"] = dict(self.evolution), dict(self.adaround)
+        out["evolution_overrides"] = dict(self.evolution_overrides)
         return out
+
+    def evolution_config(self, config: RunConfig, seed: int) -> EvolutionConfig:
+        """The :class:`EvolutionConfig` of evolutionary configuration ``config`` for ``seed``: these
+        defaults, then ``config.evolution``, then :attr:`evolution_overrides`."""
+        try:
+            return EvolutionConfig(**{**dict(self.evolution), **dict(config.evolution),
+                                      **dict(self.evolution_overrides), "seed": seed})
+        except ValueError as error:
+            raise ValueError(f"config {config.name!r}: {error}") from None
 
 
 def default_config_path() -> Path:
@@ -203,6 +221,7 @@ def load_configs(source: Union[str, Path, Mapping[str, Any], None] = None) -> tu
         raise ValueError(f"{where}: configuration name(s) {duplicates} appear more than once")
     settings = dict(content.get("settings") or {})
     settings["evolution"] = {**dict(content.get("evolution") or {}), **dict(settings.get("evolution") or {})}
+    check_evolution_options(settings["evolution"], where=f"{where}: evolution: ")
     return configs, settings
 
 

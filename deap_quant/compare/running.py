@@ -19,7 +19,7 @@ from ..data.augment import shifted_copies
 from ..evaluation.evaluator import Evaluator
 from ..evaluation.incremental import IncrementalEvaluator
 from ..evaluation.teacher import TeacherEvaluator, split_calibration, teacher_outputs
-from ..evolve import EvolutionConfig, evolve
+from ..evolve import evolve
 from ..quantization.model import QuantizedModel
 from ..quantization.quantize import quantize
 from ..report import check_writable, write_json
@@ -205,7 +205,7 @@ def _run_evolve(context: _Context, config: RunConfig, seed: int) -> dict[str, An
     qmodel = context.qmodel(config.scale_method)
     moved = changed_weights(qmodel, rounding.states)
     qmodel.rebase_(rounding.states)
-    evolution = EvolutionConfig(**{**dict(context.settings.evolution), **dict(config.evolution), "seed": seed})
+    evolution = context.settings.evolution_config(config, seed)
     evaluator = _search_evaluator(context, qmodel, config, seed)
     toolbox = config.toolbox(qmodel, evaluator, evolution) if config.toolbox is not None else None
     test_evaluator = context.evaluator(qmodel, "test", seed)
@@ -231,10 +231,15 @@ def _run_evolve(context: _Context, config: RunConfig, seed: int) -> dict[str, An
             "details": details}
 
 
-def _reference_of(config: RunConfig, names: set[str]) -> Optional[str]:
-    """The baseline configuration an evolutionary configuration starts from, if it is in the run."""
-    wanted = f"nearest-{config.scale_method}" if config.start == "nearest" else config.start
-    return wanted if wanted in names else None
+def _reference_of(config: RunConfig, configs: Sequence[RunConfig]) -> Optional[str]:
+    """The baseline configuration an evolutionary configuration starts from, if it is in the run: the
+    baseline of its start method on its grid (``scale_method``; every other quantization setting is
+    the comparison's, shared by all). Among several, the one named as the shipped set names it
+    (``nearest-<grid>``, or the method), else the first."""
+    matching = [c.name for c in configs
+                if c.kind == "baseline" and c.method == config.start and c.scale_method == config.scale_method]
+    usual = f"nearest-{config.scale_method}" if config.start == "nearest" else config.start
+    return usual if usual in matching else matching[0] if matching else None
 
 
 def _load_model(model: Any, data_seed: int, cache: Optional[str], verbose: bool,
@@ -267,7 +272,11 @@ def compare(model: Any = "digits-cnn", configs: Any = None, *, bits: int = 2, se
     ``configs`` is a configuration file, a mapping in that format, a list of :class:`RunConfig`
     (or dicts), or ``None`` for the shipped set. ``seeds`` is a count (seeds ``0..n-1``) or a
     list. ``only`` keeps the named configurations. ``settings`` overrides
-    :class:`CompareSettings` fields (``evolution`` and ``adaround`` are merged key by key).
+    :class:`CompareSettings` fields (``adaround`` is merged key by key); its ``evolution`` options
+    override every evolutionary configuration's own (``{"evolution": {"ngen": 5}}``: every search
+    runs 5 generations, as ``deap-quant compare --ngen 5``), while the configuration file's
+    ``evolution`` holds defaults that a configuration's own options replace. Every evolutionary
+    configuration is checked, as it will run, before any run starts.
     ``data_seed`` is the seed of the train/val/test split of a zoo recipe (recorded for other
     models). ``data_seeds=K`` > 1 re-draws val and test per seed, so that the spread over seeds
     covers the data as well as the search: seed ``s`` runs on data seed ``s mod K``, where data
@@ -289,11 +298,18 @@ def compare(model: Any = "digits-cnn", configs: Any = None, *, bits: int = 2, se
         run_configs = [c for c in run_configs if c.name in wanted]
         if not run_configs:
             raise ValueError("--only selects no configuration; name at least one")
-    merged = {**file_settings, **dict(settings or {})}
-    for key in ("evolution", "adaround"):
-        merged[key] = {**dict(file_settings.get(key) or {}), **dict((settings or {}).get(key) or {})}
+    caller = dict(settings or {})
+    merged = {**file_settings, **caller}
+    merged["adaround"] = {**dict(file_settings.get("adaround") or {}), **dict(caller.get("adaround") or {})}
+    merged["evolution"] = dict(file_settings.get("evolution") or {})  # defaults, below each configuration's own
+    merged["evolution_overrides"] = {**dict(file_settings.get("evolution_overrides") or {}),
+                                     **dict(caller.get("evolution") or {}),
+                                     **dict(caller.get("evolution_overrides") or {})}  # over each one's own
     merged["bits"] = bits
     compare_settings = CompareSettings(**merged)
+    for config in run_configs:  # every search's options, combined, before any costly work
+        if config.kind == "evolve":
+            compare_settings.evolution_config(config, seed=0)
     seed_list = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)
     if not seed_list or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seed_list):
         raise ValueError(f"seeds={seeds!r} is not valid; use a positive count or a list of integers >= 0")
@@ -329,8 +345,7 @@ def compare(model: Any = "digits-cnn", configs: Any = None, *, bits: int = 2, se
             bar.close()
 
     rows = [{key: record[key] for key in SUMMARY_KEYS} for record in records]
-    names = {c.name for c in run_configs}
-    pairs = [(c.name, ref) for c in run_configs if c.kind == "evolve" and (ref := _reference_of(c, names))]
+    pairs = [(c.name, ref) for c in run_configs if c.kind == "evolve" and (ref := _reference_of(c, run_configs))]
     used = sorted({context.data_seed(seed) for seed in seed_list})
     float_by_data_seed = [{"data_seed": d, **{split: accuracy(float_model, getattr(context.data(d), split))
                                               for split in ("val", "test")}} for d in used]

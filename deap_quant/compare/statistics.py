@@ -41,11 +41,23 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: Decimals that paired differences (and compared values) are rounded to before ranking: accuracies
+#: such as 338/360 - 331/360 and 345/360 - 343/360 (both 2 images) differ in the last bits of a float,
+#: which would otherwise split a rank tie and change the p-value.
+ROUND_DECIMALS = 12
+
+
+def _differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a - b`` with float round-off removed, so that equal differences tie (and tiny ones are 0)."""
+    return np.round(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), ROUND_DECIMALS)
+
+
 def _mann_whitney(a: Sequence[float], b: Sequence[float], alternative: str = "two-sided") -> float:
     from scipy import stats
 
     if len(a) < 1 or len(b) < 1:
         return float("nan")
+    a, b = (np.round(np.asarray(x, dtype=np.float64), ROUND_DECIMALS) for x in (a, b))  # equal values tie
     if np.ptp(np.concatenate([a, b])) == 0:
         return 1.0  # all equal: no evidence of any difference
     return float(stats.mannwhitneyu(a, b, alternative=alternative).pvalue)
@@ -105,10 +117,11 @@ def paired_tests(rows: Sequence[Mapping[str, Any]], pairs: Iterable[tuple[str, s
             continue
         a = np.array([table[(name, s)] for s in seeds])
         b = np.array([table[(reference, s)] for s in seeds])
+        differences = _differences(a, b)
         out.append({"config": name, "reference": reference, "n": len(seeds), "mean": float(a.mean()),
                     "reference_mean": float(b.mean()), "difference": float((a - b).mean()),
-                    "wins": int((a > b).sum()), "losses": int((a < b).sum()),
-                    "p_wilcoxon_greater": _wilcoxon(a - b, "greater"), "p_mannwhitney": _mann_whitney(a, b)})
+                    "wins": int((differences > 0).sum()), "losses": int((differences < 0).sum()),
+                    "p_wilcoxon_greater": _wilcoxon(differences, "greater"), "p_mannwhitney": _mann_whitney(a, b)})
     for reference in dict.fromkeys(row["reference"] for row in out):
         family = [row for row in out if row["reference"] == reference]
         for test in ("p_wilcoxon_greater", "p_mannwhitney"):

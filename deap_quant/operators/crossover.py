@@ -50,12 +50,17 @@ def cx_uniform(ind1: Individual, ind2: Individual, indpb: float = 0.5) -> tuple[
 
 
 def cx_one_point(ind1: Individual, ind2: Individual) -> tuple[Individual, Individual]:
-    """One-point crossover over genes sorted by weight: the cut is a weight drawn from the union."""
+    """One-point crossover over genes sorted by weight: the cut is a weight drawn from the union.
+
+    As in DEAP's ``cxOnePoint``, both sides of the cut are non-empty: the cut is drawn among the
+    union's weights but its first (a cut there would swap the parents whole). With fewer than two
+    weights in the union there is nothing to cut and the parents are returned unchanged.
+    """
     genes1, genes2 = _genes(ind1), _genes(ind2)
     keys = sorted(_by_weight(genes1).keys() | _by_weight(genes2).keys())
-    if not keys:
+    if len(keys) < 2:
         return ind1, ind2
-    cut = random.choice(keys)
+    cut = random.choice(keys[1:])
     head1 = [g for g in genes1 if (g.layer, g.index) < cut]
     tail1 = [g for g in genes1 if (g.layer, g.index) >= cut]
     head2 = [g for g in genes2 if (g.layer, g.index) < cut]
