@@ -308,3 +308,27 @@ def test_cli_compare_ngen_overrides_a_configurations_own_ngen(digits_zoo, tmp_pa
     runs = {r["config"]: r for r in json.loads((out / "runs.json").read_text())["runs"]}
     assert {name: len(runs[name]["details"]["curve"]) - 1 for name in ("es", "es-long")} == {"es": 1, "es-long": 1}
     assert runs["es-long"]["evaluations"] == 3 + 2  # its own mu=3 is kept: only what --ngen names is overridden
+
+
+def test_a_baseline_row_counts_its_rounding_seconds_once(tiny_model, tiny_splits, monkeypatch):
+    """The row's seconds are the rounding's own seconds plus its scoring, not the rounding twice."""
+    from types import SimpleNamespace
+
+    from deap_quant.baselines import Rounding
+    from deap_quant.compare import running
+
+    clock = [0.0]
+    monkeypatch.setattr(running, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def slow_adaround(qmodel, *args, **kwargs):  # takes 100 s of the patched clock, and says so
+        clock[0] += 100.0
+        return Rounding("adaround", [qmodel.base_states(layer).clone() for layer in range(len(qmodel.layers))],
+                        seconds=100.0)
+
+    monkeypatch.setattr(running, "adaround", slow_adaround)
+    configs = [RunConfig("adaround", kind="baseline", method="adaround"),
+               RunConfig("es-from-adaround", start="adaround")]
+    settings = {**TINY, "evolution": {"mu": 2, "lambda_": 2, "ngen": 1}}
+    result = compare((tiny_model, tiny_splits), configs, seeds=[0], settings=settings, progress=False)
+    seconds = {row["config"]: row["seconds"] for row in result.rows}
+    assert seconds["adaround"] == 100.0  # the clock moves only inside the rounding

@@ -12,7 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from deap_quant.data import DATASETS, DatasetNotFound, cifar10, coco, imagefolder, load_dataset, mnist, voc
+from deap_quant.data import (
+    DATASETS,
+    DatasetNotFound,
+    cifar10,
+    cifar10_arrays,
+    coco,
+    imagefolder,
+    load_dataset,
+    mnist,
+    mnist_arrays,
+    voc,
+)
 
 
 # ------------------------------------------------------------------------------------------ writers
@@ -144,6 +155,55 @@ def test_cifar10_missing_batch_and_damaged_batch(tmp_path):
         cifar10(tmp_path)
 
 
+def test_cifar10_batch_that_is_not_a_dict_is_one_line_naming_the_folder(tmp_path):
+    write_cifar10(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as stream:
+        pickle.dump([1, 2, 3], stream)  # unpickles fine, but to a list (torchvision indexes it by "data")
+    with pytest.raises(ValueError, match=r"cifar-10-batches-py' are not valid CIFAR-10 python pickles \(TypeError"):
+        cifar10(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ npz for mnist/cifar10
+def save_npz(path, **arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def _uint8(n, shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "mnist"])
+def test_npz_float_images_outside_0_1_are_refused_for_mnist_and_cifar10(tmp_path, dataset):
+    shape, reader = ((32, 32, 3), cifar10_arrays) if dataset == "cifar10" else ((28, 28), mnist_arrays)
+    y = np.arange(20) % 10
+    x_train, x_test = _uint8(20, shape, seed=1), _uint8(20, shape, seed=2)
+    # floats still on the 0..255 scale, in one Keras-style file: the test array is named
+    raw = save_npz(tmp_path / "raw" / "data.npz", x_train=x_train.astype(np.float32) / 255, y_train=y,
+                   x_test=x_test.astype(np.float32), y_test=y)
+    with pytest.raises(ValueError) as caught:
+        reader(raw)
+    text = str(caught.value)
+    assert "\n" not in text and text.startswith(f"{dataset}: ")
+    assert f"array x_test in {str(raw)!r}" in text and f"to {float(x_test.max())}" in text
+    assert "uint8 (0..255) or floats in [0, 1]" in text
+    # mean/std-normalised floats (negative values) in a train/test folder: the train file is named
+    folder = tmp_path / "normalised"
+    save_npz(folder / "train.npz", x=(x_train.astype(np.float64) / 255 - 0.5) / 0.25, y=y)
+    save_npz(folder / "test.npz", x=x_test.astype(np.float64) / 255, y=y)
+    with pytest.raises(ValueError, match=rf"{dataset}: .*array x in {str(folder / 'train.npz')!r} range from -2\.0"):
+        reader(folder)
+    # floats in [0, 1] and uint8 read as before, and the same images
+    scaled = save_npz(tmp_path / "scaled" / "data.npz", x_train=x_train.astype(np.float32) / 255, y_train=y,
+                      x_test=x_test.astype(np.float32) / 255, y_test=y)
+    whole = save_npz(tmp_path / "uint8" / "data.npz", x_train=x_train, y_train=y, x_test=x_test, y_test=y)
+    for a, b in zip(reader(scaled), reader(whole)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # the generic npz loader documents "floats kept": 0..255 floats still load there
+    assert float(load_dataset("npz", str(raw)).test[0].max()) == float(x_test.max())
+
+
 # ------------------------------------------------------------------------------------------ ImageFolder
 def test_imagefolder_flat_layout_splits_every_class(tmp_path):
     for c, name in enumerate(["ant", "bee", "cow"]):
@@ -234,6 +294,31 @@ def test_voc_missing_pieces_are_named(tmp_path):
         voc(tmp_path)
 
 
+def test_voc_malformed_annotation_files_are_one_line_naming_the_file(tmp_path):
+    base = voc_tree(tmp_path)
+    xml = base / "Annotations" / "a.xml"
+    for content, problem in (("<annotation><object>", "is not valid XML"),
+                             ("<annotation><object><name>dog</name></object></annotation>", "bndbox"),
+                             ("<annotation><object><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax>"
+                              "</bndbox></object></annotation>", "name"),
+                             ("<annotation><object><name>dog</name><bndbox><xmin>left</xmin><ymin>1</ymin><xmax>5"
+                              "</xmax><ymax>5</ymax></bndbox></object></annotation>", "xmin")):
+        xml.write_text(content)
+        with pytest.raises(ValueError) as caught:
+            voc(tmp_path)
+        text = str(caught.value)
+        assert text.startswith("voc: ") and str(xml) in text and problem in text and "\n" not in text, text
+
+
+def test_voc_image_set_lists_ignore_blank_lines(tmp_path):
+    base = voc_tree(tmp_path)
+    (base / "ImageSets" / "Main" / "train.txt").write_text("a\n\n  \nb\n\n")
+    (base / "ImageSets" / "Main" / "val.txt").write_text("\nc\nd\n\ne\n")
+    splits = voc(tmp_path)
+    assert splits.sizes() == {"train": 2, "val": 1, "test": 2}
+    assert splits.train[1][0]["boxes"].tolist() == [[10.0, 20.0, 40.0, 50.0]]  # still image "a" first
+
+
 # ------------------------------------------------------------------------------------------ COCO
 def test_coco_reads_annotations_json_and_images(tmp_path):
     pytest.importorskip("pycocotools")
@@ -260,6 +345,24 @@ def test_coco_missing_annotations_or_images(tmp_path):
     write_coco(tmp_path, "val", [(2, "2.jpg", 8, 8), (3, "3.jpg", 8, 8)], [])
     (tmp_path / "val" / "3.jpg").unlink()
     with pytest.raises(DatasetNotFound, match="3.jpg"):
+        coco(tmp_path)
+
+
+def test_coco_malformed_annotations_are_one_line_naming_the_file(tmp_path):
+    pytest.importorskip("pycocotools")
+    write_coco(tmp_path, "val", [(2, "2.jpg", 8, 8), (3, "3.jpg", 8, 8)], [])
+    json_file = tmp_path / "annotations" / "instances_train.json"
+    for annotation, problem in (({"id": 5, "image_id": 1, "category_id": 3, "area": 1, "iscrowd": 0}, "bbox"),
+                                ({"id": 5, "image_id": 1, "category_id": 3, "bbox": [1, 2, 3]}, "bbox"),
+                                ({"id": 5, "image_id": 1, "bbox": [1, 2, 3, 4]}, "category_id")):
+        write_coco(tmp_path, "train", [(1, "1.jpg", 8, 8)], [annotation])
+        with pytest.raises(ValueError) as caught:
+            coco(tmp_path)
+        text = str(caught.value)
+        assert text.startswith("coco: ") and str(json_file) in text and "annotation 5" in text, text
+        assert problem in text and "\n" not in text, text
+    json_file.write_text("[]")  # valid JSON, but not a COCO object
+    with pytest.raises(ValueError, match=r"instances_train\.json' is not a valid COCO annotation file"):
         coco(tmp_path)
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
 from .digits import Splits
@@ -125,7 +127,20 @@ def _npz_train_test(root: Path, dataset: str, shape: tuple[int, ...], num_classe
         if len(labels) and int(labels.max()) >= num_classes:
             raise ValueError(f"{dataset}: the {split} labels in {where!r} reach {int(labels.max())}; {dataset} has "
                              f"{num_classes} classes (0..{num_classes - 1})")
+        low, high = float(images.min()), float(images.max())
+        if low < 0.0 or high > 1.0:  # uint8 arrays were scaled to [0, 1]: only float arrays get here
+            raise ValueError(f"{dataset}: the {split} images ({_npz_array(found.files, split)}) range from {low} to "
+                             f"{high}; {dataset} images must be uint8 (0..255) or floats in [0, 1] (divide 0..255 "
+                             "floats by 255; undo any mean/std normalisation)")
     return found.parts["train"], found.parts["test"]
+
+
+def _npz_array(files: tuple[Path, ...], split: str) -> str:
+    """Which array of which file holds the ``split`` images of a train/test npz root (as read by read_npz)."""
+    if len(files) == 1:
+        return f"array x_{split} in {str(files[0])!r}"
+    path = next((p for p in files if p.name.startswith(split)), files[0])
+    return f"array x in {str(path)!r}"
 
 
 def _data_path(root: Optional[PathLike], dataset: str, layout: str) -> Path:
@@ -220,7 +235,7 @@ def cifar10_arrays(root: Optional[PathLike]) -> tuple[Pair, Pair]:
     reader = _cifar10_class()
     try:
         parts = [reader(str(path), train=train, download=False) for train in (True, False)]
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as error:
         raise ValueError(f"cifar10: the batches under {str(path / 'cifar-10-batches-py')!r} are not valid "
                          f"CIFAR-10 python pickles ({type(error).__name__}: {error})") from None
     train, test = ((_to_float(torch.from_numpy(p.data).permute(0, 3, 1, 2)), torch.tensor(p.targets, dtype=torch.int64))
@@ -376,6 +391,38 @@ def _find_voc(path: Path) -> tuple[Path, str]:
     raise _missing("voc", path / "VOCdevkit" / "VOC2012", VOC_LAYOUT)
 
 
+def _image_set_ids(list_file: Path) -> list[int]:
+    """Positions of the non-blank lines of a VOC image-set list, read as torchvision reads it (one id a line)."""
+    with open(list_file) as stream:
+        return [i for i, line in enumerate(stream.readlines()) if line.strip()]
+
+
+def _voc_objects(annotation: Any, xml: str) -> list[tuple[str, list[float], int]]:
+    """(name, [xmin, ymin, xmax, ymax], difficult) per ``<object>`` of a parsed VOC annotation file."""
+    if not isinstance(annotation, dict) or not isinstance(annotation.get("annotation"), dict):
+        raise ValueError(f"voc: {xml!r} has no <annotation> root element holding the image's objects")
+    objects = annotation["annotation"].get("object", [])
+    found = []
+    for number, obj in enumerate(objects if isinstance(objects, list) else [objects], 1):
+        where = f"voc: object {number} in {xml!r}"
+        try:
+            name, box = obj["name"], obj["bndbox"]
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{where} has an empty or nested <name>")
+            coordinates = [float(box[key]) for key in ("xmin", "ymin", "xmax", "ymax")]
+            difficult = int(obj.get("difficult", "0"))
+        except KeyError as error:
+            raise ValueError(f"{where} has no <{error.args[0]}>; each <object> needs <name> and <bndbox> with <xmin>, "
+                             "<ymin>, <xmax>, <ymax>") from None
+        except (TypeError, ValueError) as error:
+            if str(error).startswith(where):
+                raise
+            raise ValueError(f"{where} is malformed ({error}); each <object> needs <name> and <bndbox> with numeric "
+                             "<xmin>, <ymin>, <xmax>, <ymax> (and <difficult> 0 or 1 if given)") from None
+        found.append((name, coordinates, difficult))
+    return found
+
+
 def voc(root: Optional[PathLike], seed: int = 0, year: Optional[str] = None, classes: Optional[Sequence[str]] = None,
         limit: Optional[int] = None) -> Splits:
     """A PASCAL-VOC-style detection set, read with ``torchvision.datasets.VOCDetection``.
@@ -396,7 +443,7 @@ def voc(root: Optional[PathLike], seed: int = 0, year: Optional[str] = None, cla
     for needed in ("JPEGImages", "Annotations", "ImageSets/Main/train.txt", "ImageSets/Main/val.txt"):
         if not (folder / needed).exists():
             raise _missing("voc", folder / needed, VOC_LAYOUT)
-    raw: dict[str, list[tuple[Any, dict]]] = {}
+    raw: dict[str, list[tuple[Any, list[tuple[str, list[float], int]]]]] = {}
     for split in ("train", "val", "test"):
         if split == "test" and not (lists / "test.txt").is_file():
             continue
@@ -404,12 +451,18 @@ def voc(root: Optional[PathLike], seed: int = 0, year: Optional[str] = None, cla
             raise ValueError(f"voc: torchvision reads a test image set only for VOC2007, not VOC{year}; remove "
                              f"{str(lists / 'test.txt')!r} to halve val into val and test instead")
         dataset = VOCDetection(str(voc_root), year=year, image_set=split, download=False)
-        try:
-            raw[split] = [dataset[i] for i in range(len(dataset))]
-        except FileNotFoundError as error:
-            raise _missing("voc", Path(error.filename or folder), VOC_LAYOUT) from None
-    names = sorted({obj["name"] for items in raw.values() for _, annotation in items
-                    for obj in annotation["annotation"].get("object", [])})
+        raw[split] = []
+        for i in _image_set_ids(lists / f"{split}.txt"):  # blank lines would name 'JPEGImages/.jpg'
+            try:
+                image, annotation = dataset[i]
+            except FileNotFoundError as error:
+                raise _missing("voc", Path(error.filename or folder), VOC_LAYOUT) from None
+            except UnidentifiedImageError:
+                raise ValueError(f"voc: {dataset.images[i]!r} is not a readable image") from None
+            except (ET.ParseError, ValueError) as error:
+                raise ValueError(f"voc: {dataset.annotations[i]!r} is not valid XML ({error})") from None
+            raw[split].append((image, _voc_objects(annotation, dataset.annotations[i])))
+    names = sorted({name for items in raw.values() for _, objects in items for name, _, _ in objects})
     if classes is None:
         classes = VOC_CLASSES if set(names) <= set(VOC_CLASSES) else tuple(names)
     unknown = sorted(set(names) - set(classes))
@@ -417,25 +470,48 @@ def voc(root: Optional[PathLike], seed: int = 0, year: Optional[str] = None, cla
         raise ValueError(f"voc: object names {unknown} are not in classes={list(classes)}")
     label_of = {name: i + 1 for i, name in enumerate(classes)}
 
-    def convert(image: Any, annotation: dict) -> tuple[torch.Tensor, Target]:
-        objects = annotation["annotation"].get("object", [])
-        boxes = [[float(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
-        box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    def convert(image: Any, objects: list[tuple[str, list[float], int]]) -> tuple[torch.Tensor, Target]:
+        box_tensor = torch.tensor([box for _, box, _ in objects], dtype=torch.float32).reshape(-1, 4)
         box_tensor[:, :2] -= 1.0  # VOC's 1-based inclusive pixels -> 0-based corners
         return _image_tensor(image), {
             "boxes": box_tensor,
-            "labels": torch.tensor([label_of[o["name"]] for o in objects], dtype=torch.int64),
-            "iscrowd": torch.tensor([int(o.get("difficult", "0")) for o in objects], dtype=torch.int64)}
+            "labels": torch.tensor([label_of[name] for name, _, _ in objects], dtype=torch.int64),
+            "iscrowd": torch.tensor([difficult for _, _, difficult in objects], dtype=torch.int64)}
 
     parts = {}
     for split, items in raw.items():
-        converted = [convert(image, annotation) for image, annotation in items]
+        converted = [convert(image, objects) for image, objects in items]
         parts[split] = ([image for image, _ in converted], [target for _, target in converted])
     return _detection_splits(parts, len(classes) + 1, f"voc{year}", seed, limit)
 
 
 COCO_LAYOUT = ("ROOT/annotations/instances_<split>[suffix].json with images in ROOT/<split>[suffix]/ for split "
                "train and val (test optional), e.g. annotations/instances_val2017.json + val2017/")
+
+
+def _coco_target(annotations: list[Any], json_file: Path) -> Target:
+    """torchvision's target for one image's COCO annotations (``bbox`` xywh -> ``boxes`` xyxy)."""
+    boxes, labels, crowd = [], [], []
+    for a in annotations:
+        where = (f"coco: annotation {a.get('id', '?')} (image {a.get('image_id', '?')}) in {str(json_file)!r}"
+                 if isinstance(a, dict) else f"coco: an annotation in {str(json_file)!r}")
+        if not isinstance(a, dict) or "bbox" not in a or "category_id" not in a:
+            missing = "bbox" if not isinstance(a, dict) or "bbox" not in a else "category_id"
+            raise ValueError(f"{where} has no {missing}; each annotation needs bbox [x, y, width, height] and an "
+                             "integer category_id")
+        box = a["bbox"]
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise ValueError(f"{where} has bbox {box!r}; use four numbers [x, y, width, height]")
+        if not isinstance(a["category_id"], int) or isinstance(a["category_id"], bool):
+            raise ValueError(f"{where} has category_id {a['category_id']!r}; use an integer")
+        boxes.append([float(v) for v in box])
+        labels.append(a["category_id"])
+        crowd.append(int(a.get("iscrowd", 0)))
+    box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    box_tensor[:, 2:] += box_tensor[:, :2]
+    return {"boxes": box_tensor, "labels": torch.tensor(labels, dtype=torch.int64),
+            "iscrowd": torch.tensor(crowd, dtype=torch.int64)}
 
 
 def coco(root: Optional[PathLike], seed: int = 0, limit: Optional[int] = None) -> Splits:
@@ -470,21 +546,19 @@ def coco(root: Optional[PathLike], seed: int = 0, limit: Optional[int] = None) -
         try:
             categories |= {int(c["id"]) for c in json.loads(annotation.read_text()).get("categories", [])}
             dataset = CocoDetection(str(images), str(annotation))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"coco: {str(annotation)!r} is not a valid COCO annotation file ({error})") from None
+        except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as error:
+            raise ValueError(f"coco: {str(annotation)!r} is not a valid COCO annotation file "
+                             f"({type(error).__name__}: {error})") from None
         split_images, split_targets = [], []
         for index in range(len(dataset)):
             try:
                 image, annotations = dataset[index]
             except FileNotFoundError as error:
                 raise _missing("coco", Path(error.filename or images), COCO_LAYOUT) from None
-            boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
-            boxes[:, 2:] += boxes[:, :2]
+            except UnidentifiedImageError as error:
+                raise ValueError(f"coco: an image under {str(images)!r} is not readable ({error})") from None
             split_images.append(_image_tensor(image))
-            split_targets.append({"boxes": boxes,
-                                  "labels": torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64),
-                                  "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in annotations],
-                                                          dtype=torch.int64)})
+            split_targets.append(_coco_target(annotations, annotation))
         parts[split] = (split_images, split_targets)
     used = {int(label) for _, targets in parts.values() for t in targets for label in t["labels"]}
     return _detection_splits(parts, max(categories | used | {0}) + 1, "coco", seed, limit)
