@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
 from .digits import Splits
@@ -405,20 +404,17 @@ def _voc_objects(annotation: Any, xml: str) -> list[tuple[str, list[float], int]
     found = []
     for number, obj in enumerate(objects if isinstance(objects, list) else [objects], 1):
         where = f"voc: object {number} in {xml!r}"
+        needs = "each <object> needs <name> and <bndbox> with numeric <xmin>, <ymin>, <xmax>, <ymax>"
         try:
             name, box = obj["name"], obj["bndbox"]
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"{where} has an empty or nested <name>")
             coordinates = [float(box[key]) for key in ("xmin", "ymin", "xmax", "ymax")]
             difficult = int(obj.get("difficult", "0"))
         except KeyError as error:
-            raise ValueError(f"{where} has no <{error.args[0]}>; each <object> needs <name> and <bndbox> with <xmin>, "
-                             "<ymin>, <xmax>, <ymax>") from None
-        except (TypeError, ValueError) as error:
-            if str(error).startswith(where):
-                raise
-            raise ValueError(f"{where} is malformed ({error}); each <object> needs <name> and <bndbox> with numeric "
-                             "<xmin>, <ymin>, <xmax>, <ymax> (and <difficult> 0 or 1 if given)") from None
+            raise ValueError(f"{where} has no <{error.args[0]}>; {needs}") from None
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{where} is malformed ({error}); {needs} (and <difficult> 0 or 1 if given)") from None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where} has an empty or nested <name>; {needs}")
         found.append((name, coordinates, difficult))
     return found
 
@@ -432,6 +428,7 @@ def voc(root: Optional[PathLike], seed: int = 0, year: Optional[str] = None, cla
     the 20 VOC classes, or the sorted names found if any is not a VOC class); ``num_classes`` counts the
     background. Objects marked ``difficult`` become ``iscrowd=1`` (ignored by COCO-style mAP).
     """
+    from PIL import UnidentifiedImageError
     from torchvision.datasets import VOCDetection
 
     _check_limit(limit)
@@ -503,10 +500,12 @@ def _coco_target(annotations: list[Any], json_file: Path) -> Target:
         if (not isinstance(box, list) or len(box) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
             raise ValueError(f"{where} has bbox {box!r}; use four numbers [x, y, width, height]")
-        if not isinstance(a["category_id"], int) or isinstance(a["category_id"], bool):
-            raise ValueError(f"{where} has category_id {a['category_id']!r}; use an integer")
+        for key, value in (("category_id", a["category_id"]), ("iscrowd", a.get("iscrowd", 0))):
+            whole = isinstance(value, (int, float)) and float(value).is_integer()
+            if not whole or (isinstance(value, bool) and key == "category_id"):
+                raise ValueError(f"{where} has {key} {value!r}; use an integer")
         boxes.append([float(v) for v in box])
-        labels.append(a["category_id"])
+        labels.append(int(a["category_id"]))
         crowd.append(int(a.get("iscrowd", 0)))
     box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     box_tensor[:, 2:] += box_tensor[:, :2]
@@ -521,6 +520,7 @@ def coco(root: Optional[PathLike], seed: int = 0, limit: Optional[int] = None) -
     the largest id + 1. Boxes are converted from ``[x, y, w, h]`` to ``[x1, y1, x2, y2]``; ``iscrowd`` is
     kept. Without a test annotation file the val images are halved into val and test.
     """
+    from PIL import UnidentifiedImageError
     from torchvision.datasets import CocoDetection
 
     _check_limit(limit)
