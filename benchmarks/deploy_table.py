@@ -17,8 +17,12 @@ reports validation and held-out **test** accuracy of three rows:
   re-scored on test as evolve reports it.
 
 Each row is exported to ONNX (QDQ: integer weights with DequantizeLinear, activations with
-QuantizeLinear/DequantizeLinear at the calibrated ranges) and run in onnxruntime on the test split;
-the table gives the onnxruntime test accuracy beside deap_quant's and their difference in samples.
+QuantizeLinear/DequantizeLinear at the calibrated ranges) and run in onnxruntime on the test split
+at two graph optimization levels: ``onnx_test`` with optimizations disabled (the level of the
+export's reproduction check: the graph as written) and ``onnx_default_test`` at onnxruntime's
+default level (what a deployment sees unless it sets one; it rewrites some QDQ patterns, see
+deap_quant/onnx_export.py). The table gives both beside deap_quant's test accuracy, with their
+differences in samples.
 The seed drives AdaRound's sampling and the search; the data splits are the recipes' own (fixed).
 ``--quick`` runs a cut-down version for a smoke test; its figures mean nothing.
 """
@@ -60,11 +64,12 @@ def _zoo(name: str, args: argparse.Namespace) -> Any:
 
 
 def _onnx_test(qmodel: Any, genes: list, test: Any, batch_size: int) -> dict[str, Any]:
-    from deap_quant.onnx_export import onnx_scores, to_onnx
+    from deap_quant.onnx_export import CHECK_OPTIMIZATION, DEFAULT_OPTIMIZATION, onnx_scores, to_onnx
     with tempfile.TemporaryDirectory() as folder:
         path = to_onnx(qmodel, genes, Path(folder) / "model.onnx", test[0][:1])
-        scores = onnx_scores(path, test, "accuracy", batch_size)
-    return {"onnx_test": scores.score}
+        scores = {level: onnx_scores(path, test, "accuracy", batch_size, optimization=level)
+                  for level in (CHECK_OPTIMIZATION, DEFAULT_OPTIMIZATION)}
+    return {"onnx_test": scores[CHECK_OPTIMIZATION].score, "onnx_default_test": scores[DEFAULT_OPTIMIZATION].score}
 
 
 def _row(name: str, qmodel: Any, genes: list, val: Any, test: Any, seconds: float, batch_size: int,
@@ -75,7 +80,8 @@ def _row(name: str, qmodel: Any, genes: list, val: Any, test: Any, seconds: floa
            "seconds": seconds, **(extra or {})}
     if onnx:
         row.update(_onnx_test(qmodel, genes, test, batch_size))
-        row["onnx_minus_deap_quant_samples"] = round((row["onnx_test"] - row["test"]) * len(test[1]))
+        for key in ("", "_default"):
+            row[f"onnx{key}_minus_deap_quant_samples"] = round((row[f"onnx{key}_test"] - row["test"]) * len(test[1]))
     return row
 
 
@@ -102,7 +108,8 @@ def run_one(zoo: Any, bits: int, act_bits: int, seed: int, args: argparse.Namesp
                      {"evaluations": result.evaluations, "changed_weights": best.get("changed_weights"),
                       "genes": [list(gene) for gene in best["genes"]]}))
     for row in rows:
-        onnx = (f"  onnxruntime test {row['onnx_test']:.4f} ({row['onnx_minus_deap_quant_samples']:+d} samples)"
+        onnx = (f"  onnxruntime test {row['onnx_test']:.4f} ({row['onnx_minus_deap_quant_samples']:+d} samples), "
+                f"default level {row['onnx_default_test']:.4f} ({row['onnx_default_minus_deap_quant_samples']:+d})"
                 if "onnx_test" in row else "")
         log(f"  W{bits}A{act_bits} seed {seed} {row['config']:<17} val {row['val']:.4f}  test {row['test']:.4f}"
             f"{onnx}  {row['seconds']:.0f} s")
@@ -117,14 +124,16 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not chosen:
             continue
         entry = {"config": config, "seeds": len(chosen)}
-        for key in ("val", "test", "onnx_test", "seconds"):
+        for key in ("val", "test", "onnx_test", "onnx_default_test", "seconds"):
             values = [row[key] for row in chosen if key in row]
             if values:
                 entry[f"{key}_mean"] = statistics.fmean(values)
                 entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        diffs = [abs(row["onnx_minus_deap_quant_samples"]) for row in chosen if "onnx_minus_deap_quant_samples" in row]
-        if diffs:
-            entry["onnx_max_abs_diff_samples"] = max(diffs)
+        for key in ("", "_default"):
+            diffs = [abs(row[f"onnx{key}_minus_deap_quant_samples"]) for row in chosen
+                     if f"onnx{key}_minus_deap_quant_samples" in row]
+            if diffs:
+                entry[f"onnx{key}_max_abs_diff_samples"] = max(diffs)
         out.append(entry)
     return out
 

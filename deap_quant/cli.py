@@ -382,8 +382,9 @@ def _command_export(args: argparse.Namespace) -> int:
     scores = content["scores"]
     metric = scores["metric"]
     print(f"wrote {path}: {len(content['layers'])} quantized layers, {len(content['genes'])} genes applied")
+    checked = "checked exactly" if scores.get("test_checked", True) else "not checked: see the warning above"
     print(f"exported model: {metric} test {format_value(metric, scores['test'])} (the run reported "
-          f"{format_value(metric, scores['test'])}; checked exactly)")
+          f"{format_value(metric, scores['test'])}; {checked})")
     if scores.get("int8_test") is not None:
         print(f"int8 module (torch.ao.nn.quantized, {content['int8']['engine']}): {metric} test "
               f"{format_value(metric, scores['int8_test'])}")
@@ -405,6 +406,12 @@ def _print_onnx_export(path: Path) -> int:
         print(f"onnxruntime: {metric} test {format_value(metric, check['onnxruntime_test'])} (the run reported "
               f"{format_value(metric, check['reported_test'])}; difference {check['difference_samples']:+d} samples "
               f"of {check['test_samples']})")
+        level = check.get("default_level")
+        if level:
+            print(f"onnxruntime at its default level ({level['optimization']}; reported, never refused): {metric} "
+                  f"test {format_value(metric, level['onnxruntime_test'])}, difference "
+                  f"{level['difference_samples']:+d} samples; {level['predictions_differing']} predictions differ "
+                  f"from deap_quant, logits by up to {level['max_logit_difference']:.3g}")
     else:
         print("onnxruntime: not checked (the run reported no test score)")
     return 0

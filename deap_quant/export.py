@@ -14,14 +14,17 @@ For uniform grids (any bit-width up to 8, since every state fits in int8) the ex
 activation ranges calibrated on validation data (histogram observer, as torch's default qconfig), and ``load(path, int8=True)`` returns a real
 int8 module: every quantized Conv/Linear becomes a :mod:`torch.ao.nn.quantized` layer with the
 evolved integer weights (per-channel or per-tensor), fed by a calibrated quint8 ``Quantize``
-and followed by a ``DeQuantize``; the rest of the network runs in float. TorchScript models are
+and followed by a ``DeQuantize``; the rest of the network runs in float. Where the run quantized
+activations (``act_bits``), each layer's ``Quantize`` uses the run's own activation grid (its scale
+and zero point, codes clamped to ``0..2**act_bits - 1``) instead of a calibrated range. TorchScript models are
 exported and loaded as TorchScript (their weights are set through the scripted submodules); they
 get no int8 module, whose layers cannot be put into a scripted graph.
 
 ``format="onnx"`` writes a QDQ ONNX model instead (:mod:`deap_quant.onnx_export`: integer weight
 initializers with ``DequantizeLinear``, activation ``QuantizeLinear``/``DequantizeLinear`` where
 the run quantized activations), scored in onnxruntime on the test data first: it is written only
-when that score is within one sample of the reported test score. k-means grids are refused.
+when that score is within one sample of the reported test score. From Python without test data it
+is written unchecked, with a ``UserWarning``. k-means grids are refused.
 """
 
 from __future__ import annotations
@@ -129,12 +132,16 @@ def _activation_state(qmodel: QuantizedModel, layer: int) -> Optional[dict[str, 
     return None if quantizer is None else quantizer.to_state()
 
 
-def _calibrate(module: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+def _calibrate(module: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor],
+               run_grids: Optional[Sequence[Optional[dict[str, Any]]]] = None) -> dict[str, Any]:
     """quint8 ranges of every quantized layer's input and output on calibration ``inputs``.
 
     As torch's default qconfig for the current engine: a histogram observer (ranges that minimise
     the quantization error), with 7-bit activations on x86/fbgemm, whose non-VNNI kernels could
-    otherwise saturate int16 intermediate sums.
+    otherwise saturate int16 intermediate sums. Where the run quantized a layer's input
+    (``act_bits``; ``run_grids[i]``, an :class:`~deap_quant.quantization.activations.ActivationQuantizer`
+    state), its input range is the run's own grid instead (scale and zero point; codes
+    ``0..2**act_bits - 1``, which fit quint8), marked ``"input_from": "run"``.
     """
     from torch.ao.quantization.observer import HistogramObserver
 
@@ -157,10 +164,14 @@ def _calibrate(module: nn.Module, names: Sequence[str], inputs: Sequence[torch.T
         for handle in hooks:
             handle.remove()
     activations = []
-    for name in names:
+    for number, name in enumerate(names):
         (in_scale, in_zero), (out_scale, out_zero) = (observer.calculate_qparams() for observer in observers[name])
-        activations.append({"name": name, "input": [float(in_scale), int(in_zero)],
-                            "output": [float(out_scale), int(out_zero)]})
+        entry = {"name": name, "input": [float(in_scale), int(in_zero)], "output": [float(out_scale), int(out_zero)]}
+        grid = run_grids[number] if run_grids is not None else None
+        if grid:  # the run's activation grid, not a re-calibrated one
+            entry.update(input=[float(grid["scale"]), int(grid["zero_point"])], input_bits=int(grid["bits"]),
+                         input_from="run")
+        activations.append(entry)
     return {"engine": engine, "reduce_range": reduce_range, "activations": activations}
 
 
@@ -187,17 +198,56 @@ def _batches(data: Any, batch_size: int) -> list[torch.Tensor]:
     return [inputs for inputs, _ in materialize(data, batch_size)]
 
 
-def _score(module: nn.Module, data: Any, metric: str, batch_size: int, qmodel: QuantizedModel) -> float:
+def _scores(module: nn.Module, data: Any, metric: Any, batch_size: int, qmodel: QuantizedModel) -> dict[str, float]:
+    """Every value of ``metric`` (a name or a Metric; a Metric object is copied, never changed) on ``data``."""
     from .evaluation.evaluator import Evaluator
 
-    evaluator = Evaluator(qmodel, data, metric=metric, batch_size=batch_size)
-    return evaluator.score_module(module)[evaluator.headline]
+    evaluator = Evaluator(qmodel, data, metric=copy.deepcopy(metric), batch_size=batch_size)
+    return evaluator.score_module(module)
+
+
+def _score(module: nn.Module, data: Any, metric: Any, batch_size: int, qmodel: QuantizedModel) -> float:
+    return _scores(module, data, metric, batch_size, qmodel)[_metric_name(metric)]
+
+
+def _metric_name(metric: Any) -> str:
+    from .evaluation.metrics import make_metric
+
+    return metric if isinstance(metric, str) else make_metric(metric).name
+
+
+def _check_metric(metric: Any, name: str) -> tuple[Any, Optional[str]]:
+    """The metric to check the test score with, or ``None`` and why the check cannot be made.
+
+    ``metric`` is the run's own metric as given to :func:`export` (a Metric object or spec), else
+    ``None``: then only the run's metric *name* is known, and a name no built-in metric has
+    cannot be scored."""
+    from .evaluation.metrics import METRICS, make_metric
+
+    if metric is not None:
+        try:
+            own = make_metric(copy.deepcopy(metric))
+        except ValueError as error:
+            raise ExportError(str(error)) from None
+        if own.name != name:
+            raise ExportError(f"metric= is named {own.name!r}, but the run's metric is {name!r}; pass the metric "
+                              "the run was scored with")
+        return metric, None
+    if name not in METRICS:
+        return None, (f"the run's metric {name!r} is not a built-in metric ({', '.join(METRICS)}), and only its "
+                      "name is known here")
+    return name, None
+
+
+def _unchecked(reason: str) -> None:
+    warnings.warn(f"the exported model's test score was not checked: {reason}; pass metric= (the run's own "
+                  "Metric object) to check it", UserWarning, stacklevel=4)
 
 
 def export(result_or_dir: Any, path: Optional[PathLike] = None, format: str = "pt", *,
            qmodel: Optional[QuantizedModel] = None, genes: Optional[Sequence[Sequence[int]]] = None,
            recipe: Optional[str] = None, calibration: Any = None, test: Any = None, batch_size: int = 512,
-           cache_dir: Optional[str] = None, max_difference: int = 1) -> Path:
+           cache_dir: Optional[str] = None, max_difference: int = 1, metric: Any = None) -> Path:
     """Write the evolved quantized model to ``path`` and return the path.
 
     ``result_or_dir`` is a run folder written by ``deap-quant run`` (the model is rebuilt from
@@ -208,11 +258,21 @@ def export(result_or_dir: Any, path: Optional[PathLike] = None, format: str = "p
     pickling it, ``calibration=`` (validation inputs or data) to add int8 activation ranges, and
     ``test=`` data to check that the exported module reproduces the result's test score.
 
-    ``format="onnx"`` writes a QDQ ONNX model (default ``DIR/model.onnx``), only when its
-    onnxruntime test score is within one sample of the reported one (see
+    That check scores the exported module with the run's metric: ``metric=`` (the Metric object or
+    spec the run was scored with; its name must be the result's ``metric``), else the built-in
+    metric of that name. A run scored by a metric of its own (e.g. a ``BatchMetric``) should pass it:
+    where only the name is known and no built-in metric has it, or the built-in one of that name
+    reports other values than the run's (another metric), the export is written unchecked
+    (``scores["test_checked"]`` False) with a ``UserWarning`` saying why, never refused.
+
+    ``format="onnx"`` writes a QDQ ONNX model (default ``DIR/model.onnx``). Given ``test=`` data, it is
+    written only when its onnxruntime test score is within one sample of the reported one (see
     :func:`deap_quant.onnx_export.export_checked`; ``max_difference`` raises that limit, see the
     README on why quantized activations can differ by a few samples); the check is in the file's metadata
-    (:func:`deap_quant.onnx_export.read_onnx_metadata`).
+    (:func:`deap_quant.onnx_export.read_onnx_metadata`). Without ``test=`` (``calibration=`` inputs
+    only to trace it), or for a result with no test score, it is written **unchecked**
+    (``check["checked"]`` False in the metadata) with a ``UserWarning``; pass ``test=`` to check it.
+    A run folder is always checked on its test split.
     """
     if format not in FORMATS:
         raise ExportError(f"format={format!r} is not valid; use one of {', '.join(FORMATS)}")
@@ -238,11 +298,14 @@ def export(result_or_dir: Any, path: Optional[PathLike] = None, format: str = "p
         return _write_onnx(qmodel, genes, Path(path), scores=scores, test=test, sample=calibration,
                            max_difference=max_difference)
     return _write(qmodel, genes, Path(path), recipe=recipe, scores=scores, run_info=run_info,
-                  calibration=calibration, test=test)
+                  calibration=calibration, test=test, metric=metric, reported=result.best.get("test_scores"))
 
 
 def _write(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path: Path, *, recipe: Optional[str],
-           scores: dict[str, Any], run_info: Optional[dict[str, Any]], calibration: Any, test: Any) -> Path:
+           scores: dict[str, Any], run_info: Optional[dict[str, Any]], calibration: Any, test: Any,
+           metric: Any = None, reported: Optional[dict[str, Any]] = None) -> Path:
+    """``reported``: every test value the run reported (``best["test_scores"]``), to tell a built-in
+    metric from the run's own metric of the same name."""
     from .report import check_writable
 
     check_writable(path.parent)
@@ -250,16 +313,31 @@ def _write(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path: Path, *
     module = _rebuild(content, allow_pickle=True)
     names = [layer["name"] for layer in content["layers"]]
     if calibration is not None and _int8_supported(content, module) is None:
-        content["int8"] = _calibrate(module, names, _batches(calibration, scores["batch_size"]))
+        content["int8"] = _calibrate(module, names, _batches(calibration, scores["batch_size"]),
+                                     [layer.get("activation") for layer in content["layers"]])
     if test is not None and scores.get("test") is not None:
-        measured = _score(module, test, scores["metric"], scores["batch_size"], qmodel)
-        if measured != scores["test"]:
-            raise ExportError(f"the exported model scores {scores['metric']}={measured!r} on test, but the run "
-                              f"reported {scores['test']!r}; the model, data or genes differ from the run's")
-        content["scores"]["test_checked"] = True
-        if content["int8"] is not None:
-            content["scores"]["int8_test"] = _score(int8_module(content, module), test, scores["metric"],
-                                                    scores["batch_size"], qmodel)
+        check, why = _check_metric(metric, scores["metric"])
+        measured = None
+        if check is not None:
+            values = _scores(module, test, check, scores["batch_size"], qmodel)
+            measured = values[scores["metric"]]
+            if metric is None and isinstance(reported, dict) and set(reported) != set(values):
+                why = (f"the run's metric {scores['metric']!r} reported {sorted(reported)}, the built-in metric of "
+                       f"that name reports {sorted(values)}: the run used another metric of that name")
+                check = None
+        if check is None:
+            _unchecked(why)
+            content["scores"]["test_checked"] = False
+        else:
+            if measured != scores["test"]:
+                hint = ("" if metric is not None else "; if the run used its own metric of that name, pass it as "
+                        "metric=")
+                raise ExportError(f"the exported model scores {scores['metric']}={measured!r} on test, but the run "
+                                  f"reported {scores['test']!r}; the model, data or genes differ from the run's{hint}")
+            content["scores"]["test_checked"] = True
+            if content["int8"] is not None:
+                content["scores"]["int8_test"] = _score(int8_module(content, module), test, check,
+                                                        scores["batch_size"], qmodel)
     buffer = io.BytesIO()
     torch.save(content, buffer)
     from .zoo.cache import atomic_write_bytes
@@ -299,25 +377,37 @@ def _export_run_folder(folder: Path, path: Optional[PathLike], *, cache_dir: Opt
         return _write_onnx(qmodel, best["genes"], Path(path) if path is not None else folder / "model.onnx",
                            scores=scores, test=splits.test, sample=None, max_difference=max_difference)
     target = Path(path) if path is not None else folder / "model.pt"
+    own_metric = None  # a zoo recipe's metric (may be a factory no name rebuilds), as the run used it
+    if recipe is not None:
+        from .zoo import RECIPES
+        if RECIPES[recipe].metric_name == metric:
+            own_metric = RECIPES[recipe].new_metric()
     return _write(qmodel, best["genes"], target, recipe=recipe, scores=scores, run_info=run,
-                  calibration=splits.val, test=splits.test)
+                  calibration=splits.val, test=splits.test, metric=own_metric, reported=best.get("test_scores"))
 
 
 def _write_onnx(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path: Path, *, scores: dict[str, Any],
                 test: Any, sample: Any, max_difference: int = 1) -> Path:
     """The QDQ ONNX model, written only if onnxruntime scores it within ``max_difference`` samples of
-    ``scores["test"]``."""
+    ``scores["test"]``; without ``test`` data or a reported test score it is written unchecked, with a
+    ``UserWarning``."""
     from .onnx_export import export_checked
 
     if test is None and sample is None:
         raise ExportError("ONNX export traces the model on sample inputs: give test= data (which also checks the "
                           "onnxruntime score) or calibration= inputs")
     sample_input = _batches(sample, 2)[0] if sample is not None else None
-    written, _ = export_checked(qmodel, genes, path, test=test, sample_input=sample_input, metric=scores["metric"],
-                                reported_test=scores.get("test"), batch_size=scores["batch_size"],
-                                extra={"reported": {"metric": scores["metric"], "val": scores.get("val"),
-                                                    "test": scores.get("test")}},
-                                max_difference=max_difference)
+    written, check = export_checked(qmodel, genes, path, test=test, sample_input=sample_input,
+                                    metric=scores["metric"], reported_test=scores.get("test"),
+                                    batch_size=scores["batch_size"],
+                                    extra={"reported": {"metric": scores["metric"], "val": scores.get("val"),
+                                                        "test": scores.get("test")}},
+                                    max_difference=max_difference)
+    if not check.get("checked"):
+        why = ("no test= data was given, so its onnxruntime score was not compared with the run's; pass test= "
+               "(the run's test data) to check it" if test is None else
+               "the result reports no test score to compare its onnxruntime score with")
+        warnings.warn(f"the ONNX model {str(written)!r} was written unchecked: {why}", UserWarning, stacklevel=3)
     return written
 
 
@@ -409,16 +499,24 @@ def _rebuild(content: dict[str, Any], allow_pickle: bool) -> nn.Module:
 
 
 class Int8Layer(nn.Module):
-    """quint8 ``Quantize`` -> a :mod:`torch.ao.nn.quantized` Conv/Linear with int8 weights -> ``DeQuantize``."""
+    """quint8 ``Quantize`` -> a :mod:`torch.ao.nn.quantized` Conv/Linear with int8 weights -> ``DeQuantize``.
 
-    def __init__(self, layer: nn.Module, input_scale: float, input_zero_point: int):
+    ``input_quantizer`` (the run's :class:`~deap_quant.quantization.activations.ActivationQuantizer`,
+    for ``act_bits`` runs) first rounds and clamps the input to the run's grid, whose scale and zero
+    point ``Quantize`` then uses: the layer gets exactly the run's integer codes (``0..2**bits - 1``)."""
+
+    def __init__(self, layer: nn.Module, input_scale: float, input_zero_point: int,
+                 input_quantizer: Any = None):
         super().__init__()
         import torch.ao.nn.quantized as nnq
+        self.input_quantizer = input_quantizer
         self.quant = nnq.Quantize(input_scale, input_zero_point, torch.quint8)
         self.layer = layer
         self.dequant = nnq.DeQuantize()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:  # the run's clamp to 0..2**bits - 1 (quint8 alone clamps to 255)
+            inputs = self.input_quantizer(inputs)
         return self.dequant(self.layer(self.quant(inputs)))
 
 
@@ -448,7 +546,16 @@ _DEPRECATION = ".*quantized tensor creation functions.*deprecated"
 
 def int8_module(content: dict[str, Any], float_module: Optional[nn.Module] = None,
                 allow_pickle: bool = False) -> nn.Module:
-    """A real int8 module from an export's content (see :func:`read_export`)."""
+    """A real int8 module from an export's content (see :func:`read_export`).
+
+    Each quantized layer's input is quantized to quint8: on the run's own activation grid where the
+    run quantized activations (``act_bits``: its scale and zero point, codes clamped to
+    ``0..2**act_bits - 1`` as in the search), else on the export's calibrated range (histogram
+    observer, 7-bit on x86/fbgemm). Layer outputs are requantized on calibrated ranges, as int8
+    kernels need. With ``act_bits=8`` on x86/fbgemm the run's grid uses all 8 bits, which
+    non-VNNI CPUs' kernels may saturate in int16 intermediate sums (torch's default qconfig keeps
+    7 bits there for that reason).
+    """
     if content["architecture"]["kind"] == "torchscript":
         raise ExportError("this export holds a TorchScript model, which has no int8 module (int8 layers cannot be "
                           "put into a scripted graph); load it without int8=True")
@@ -474,6 +581,11 @@ def _int8_layer(layer: dict[str, Any], source: nn.Module, activation: dict[str, 
 
     in_scale, in_zero = activation["input"]
     out_scale, out_zero = activation["output"]
+    run_grid = None
+    if layer.get("activation"):  # the run quantized this input (act_bits): its grid, not a calibrated one
+        from .quantization.activations import ActivationQuantizer
+        run_grid = ActivationQuantizer.from_state(layer["activation"])
+        in_scale, in_zero = run_grid.scale, run_grid.zero_point
     bias = None if source.bias is None else source.bias.detach().float()
     if isinstance(source, nn.Linear):
         target = nnq.Linear(source.in_features, source.out_features, bias_=bias is not None)
@@ -483,7 +595,7 @@ def _int8_layer(layer: dict[str, Any], source: nn.Module, activation: dict[str, 
                       padding=source.padding, dilation=source.dilation, groups=source.groups, bias=bias is not None)
     target.set_weight_bias(_int8_weight(layer), bias)
     target.scale, target.zero_point = float(out_scale), int(out_zero)
-    return Int8Layer(target, float(in_scale), int(in_zero))
+    return Int8Layer(target, float(in_scale), int(in_zero), input_quantizer=run_grid)
 
 
 def load(path: PathLike, *, int8: bool = False, allow_pickle: bool = False) -> nn.Module:

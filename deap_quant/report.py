@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 from .zoo.cache import atomic_write_bytes
 
-__all__ = ["format_value", "format_table", "write_results", "write_json", "plot_fitness", "check_writable"]
+__all__ = ["format_value", "format_table", "write_results", "write_json", "plot_fitness", "fitness_series",
+           "higher_is_better", "check_writable"]
 
 PERCENT_METRICS = ("accuracy", "top5", "map", "map_50")
 
@@ -72,38 +73,100 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
     return path
 
 
-def plot_fitness(result: dict[str, Any], path: Path) -> None:
-    """Best and mean validation fitness per generation, with the final best's test score marked."""
+def _direction_from_individuals(result: Any) -> Optional[bool]:
+    """Whether the run's metric is higher-is-better, read off an :class:`~deap_quant.EvolutionResult`: its
+    hall of fame holds each member's fitness (higher is better) beside the same member's score in the
+    metric's own units; a fitness of the opposite sign means the fitness is the negated metric."""
+    members = getattr(result, "hall_of_fame", None) or []
+    for member, scores in zip(members, getattr(result, "hall_of_fame_scores", None) or []):
+        fitness = getattr(member, "fitness", None)
+        value = scores.get("val") if isinstance(scores, dict) else None
+        if fitness is None or not fitness.valid or value is None:
+            continue
+        primary, value = float(fitness.values[0]), float(value)
+        if primary != 0.0 and value != 0.0 and math.isfinite(primary) and math.isfinite(value):
+            return (primary > 0) == (value > 0)
+    return None
+
+
+def higher_is_better(result: Any) -> bool:
+    """Whether the run's headline metric is higher-is-better (accuracy) or lower-is-better (loss, MSE).
+
+    The logbook's ``max``/``mean``/``min`` are fitness values, which evolution maximises: for a
+    lower-is-better metric they are the negated metric. Read from ``result["higher_is_better"]``
+    (``results.json`` written by :func:`write_results` holds it), else from an
+    :class:`~deap_quant.EvolutionResult`'s hall of fame, else (an older ``results.json``) from which
+    sign of the logbook's values comes nearest to the best individual's validation score."""
+    content = result if isinstance(result, dict) else {}
+    if isinstance(content.get("higher_is_better"), bool):
+        return content["higher_is_better"]
+    if not isinstance(result, dict):
+        found = _direction_from_individuals(result)
+        if found is not None:
+            return found
+        content = result.to_dict() if hasattr(result, "to_dict") else {}
+    best = (content.get("best") or {}).get("val")
+    values = [float(entry[key]) for entry in content.get("logbook") or [] for key in ("max", "min")
+              if isinstance(entry.get(key), (int, float)) and math.isfinite(entry[key])]
+    if best is None or not values or not math.isfinite(best):
+        return True
+    return min(abs(v - best) for v in values) <= min(abs(v + best) for v in values)
+
+
+def fitness_series(result: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`plot_fitness` draws, all in the metric's own units: per generation the best and mean
+    validation score of the population (the logbook's fitness values times the metric's sign: for a
+    lower-is-better metric the best is the population's *minimum*), the nearest (or start) rounding's
+    validation and test scores, and the final best's test score."""
+    higher = higher_is_better(result)
+    sign = 1.0 if higher else -1.0
+    log = result["logbook"]
+    baseline = result["baseline"]
+    return {"higher_is_better": higher, "best_label": f"best (val): {'max' if higher else 'min'}",
+            "gens": [r["gen"] for r in log], "best": [sign * r["max"] for r in log],
+            "mean": [sign * r["mean"] for r in log], "nearest_val": baseline["val"],
+            "nearest_test": baseline.get("test", float("nan")), "best_test": result["best"].get("test")}
+
+
+def plot_fitness(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Best and mean validation score per generation, with the final best's test score marked; returns
+    what it drew (:func:`fitness_series`). Everything is in the metric's units: for a lower-is-better
+    metric (loss, MSE) the best of a generation is its minimum."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    log = result["logbook"]
-    gens = [r["gen"] for r in log]
+    series = fitness_series(result)
+    gens = series["gens"]
     figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=110)
-    axis.plot(gens, [r["max"] for r in log], label="best (val)", color="tab:blue")
-    axis.plot(gens, [r["mean"] for r in log], label="mean (val)", color="tab:blue", alpha=0.45, linestyle="--")
-    baseline = result["baseline"]
-    axis.axhline(baseline["val"], color="grey", linewidth=0.8, label="nearest (val)")
-    if result["best"].get("test") is not None:
-        axis.scatter([gens[-1]], [result["best"]["test"]], color="tab:red", zorder=3, label="best (test)")
-        axis.axhline(baseline.get("test", float("nan")), color="tab:red", linewidth=0.8, alpha=0.5,
+    axis.plot(gens, series["best"], label=series["best_label"], color="tab:blue")
+    axis.plot(gens, series["mean"], label="mean (val)", color="tab:blue", alpha=0.45, linestyle="--")
+    axis.axhline(series["nearest_val"], color="grey", linewidth=0.8, label="nearest (val)")
+    if series["best_test"] is not None:
+        axis.scatter([gens[-1]], [series["best_test"]], color="tab:red", zorder=3, label="best (test)")
+        axis.axhline(series["nearest_test"], color="tab:red", linewidth=0.8, alpha=0.5,
                      linestyle=":", label="nearest (test)")
     axis.set_xlabel("generation")
-    axis.set_ylabel(f"validation fitness ({result['metric']})")
-    axis.legend(loc="lower right", fontsize=8)
+    better = "higher" if series["higher_is_better"] else "lower"
+    axis.set_ylabel(f"validation {result['metric']} ({better} is better)")
+    axis.legend(loc="lower right" if series["higher_is_better"] else "upper right", fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
     atomic_write_bytes(Path(path), buffer.getvalue())
+    return series
 
 
 def write_results(result: Any, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``results.json``, ``logbook.csv``, ``best_genes.json`` and ``fitness.png`` into ``out_dir``."""
+    """Write ``results.json``, ``logbook.csv``, ``best_genes.json`` and ``fitness.png`` into ``out_dir``.
+
+    ``results.json`` is the result's ``to_dict()`` plus ``higher_is_better`` (:func:`higher_is_better`):
+    the logbook's ``max``/``mean``/``min`` are fitness values, the metric times +1 or -1."""
     content = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     out = check_writable(out_dir)
+    content.setdefault("higher_is_better", higher_is_better(result))  # the logbook's fitness = sign * metric
     paths = {name: out / name for name in ("results.json", "logbook.csv", "best_genes.json", "fitness.png")}
     write_json(paths["results.json"], content)
     buffer = io.StringIO()

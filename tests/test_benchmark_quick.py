@@ -103,3 +103,55 @@ def test_reuse_bound_quick_run_replays_the_recorded_stream(digits_zoo, tmp_path)
         assert 0.0 < row["work_fraction_flops"] <= 1.0 and len(row["stage_flops"]) == row["stages"]
     with pytest.raises(SystemExit):
         script["main"](["--operators", "size:gaussian"])
+
+
+def test_deploy_table_quick_run_scores_both_onnxruntime_levels(digits_zoo, tmp_path):
+    """Each row: the reproduction level (optimizations disabled) and onnxruntime's default level, apart."""
+    pytest.importorskip("onnxruntime")
+    table = runpy.run_path(str(BENCHMARK.with_name("deploy_table.py")), run_name="deploy_table")
+    path = tmp_path / "deploy.json"
+    table["main"](["--quick", "--quiet", "--models", "digits-cnn", "--bits", "4", "--json", str(path)])
+    written = json.loads(path.read_text())["digits_cnn"]["by_bits"]["W4A8"]
+    n_test = len(digits_zoo.data.test[1])
+    for row in written["rows"]:
+        assert 0.0 <= row["onnx_default_test"] <= 1.0
+        assert row["onnx_default_minus_deap_quant_samples"] == round((row["onnx_default_test"] - row["test"]) * n_test)
+        assert row["onnx_minus_deap_quant_samples"] == round((row["onnx_test"] - row["test"]) * n_test)
+    for entry in written["summary"]:
+        assert {"onnx_test_mean", "onnx_default_test_mean", "onnx_max_abs_diff_samples",
+                "onnx_default_max_abs_diff_samples"} <= entry.keys()
+
+
+def test_onnx_agreement_on_digits_reproduces_exactly_at_the_check_level(digits_zoo, tmp_path):
+    """benchmarks/onnx_agreement.py on digits-cnn at W4A4: every level reported; with optimizations disabled
+    (the export's check) onnxruntime gives deap_quant's logits."""
+    pytest.importorskip("onnxruntime")
+    script = runpy.run_path(str(BENCHMARK.with_name("onnx_agreement.py")), run_name="onnx_agreement")
+    path = tmp_path / "agreement.json"
+    figures = script["main"](["--model", "digits-cnn", "--act-bits", "4", "--genes", "5", "--images", "120",
+                              "--json", str(path)])
+    written = json.loads(path.read_text())
+    assert written == json.loads(json.dumps(figures))
+    assert written["check_level"] == "disabled" and written["default_level"] == "all"
+    assert set(written["levels"]) == {"disabled", "basic", "extended", "all"} and written["images"] == 120
+    exact = written["levels"]["disabled"]
+    assert exact["predictions_differing"] == 0 and exact["correct_difference"] == 0
+    assert exact["max_logit_difference"] <= 1e-4
+    for entry in written["levels"].values():
+        assert 0 <= entry["predictions_differing"] <= 120 and entry["max_logit_difference"] >= 0
+
+
+def test_gpu_check_compares_devices_per_evaluation(tiny_model, tiny_data):
+    """benchmarks/gpu_check.py's runs: the CPU/device ratio is per evaluation (the search's time over all
+    its evaluations, the mu initial ones included), so runs of different lengths compare the same work."""
+    from types import SimpleNamespace
+
+    script = runpy.run_path(str(BENCHMARK.with_name("gpu_check.py")), run_name="gpu_check")
+    zoo = SimpleNamespace(model=tiny_model, data=SimpleNamespace(val=tiny_data, test=tiny_data))
+    runs = [script["_run"](zoo, "cpu", ngen, True) for ngen in (1, 3)]
+    for run in runs:
+        assert "seconds_per_generation" not in run
+        assert run["evaluations"] == 4 + 8 * run["ngen"]  # --quick: mu=4 initial ones, then lambda=8 a generation
+        assert run["seconds_per_evaluation"] == pytest.approx(run["search_seconds"] / run["evaluations"])
+    assert script["per_evaluation_ratio"](runs[1], runs[0]) == pytest.approx(
+        runs[1]["seconds_per_evaluation"] / runs[0]["seconds_per_evaluation"])

@@ -245,3 +245,36 @@ def test_function_evaluator_score_module_restores_the_train_mode(training):
     module = torch.nn.Linear(4, 3).train(training)
     assert evaluator.score_module(module) == {"score": 1.0}
     assert modes == [False] and module.training is training  # scored in eval mode, then put back
+
+
+def test_fitness_plot_of_a_lower_is_better_metric_is_drawn_in_the_metric_units(tiny_model, tiny_data, tmp_path,
+                                                                                monkeypatch):
+    """fitness.png for metric="loss": the logbook holds fitness = -loss, the plot shows the loss itself."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from deap_quant.report import plot_fitness
+
+    close = plt.close
+    result = evolve(quantize(tiny_model, bits=2), tiny_data, tiny_data, metric="loss", mu=3, lambda_=4, ngen=2,
+                    progress=False)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures plot_fitness draws
+    dq.write_results(result, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    plot_fitness({k: v for k, v in written.items() if k != "higher_is_better"}, tmp_path / "old.png")  # older file
+    assert len(figures) == 2
+    for figure in figures:
+        axis = figure.axes[0]
+        lines = {line.get_label(): [float(y) for y in line.get_ydata()] for line in axis.lines}
+        best = next(values for label, values in lines.items() if label.startswith("best (val)"))
+        assert best == [-entry["max"] for entry in written["logbook"]]  # the lowest loss of each generation
+        assert "min" in next(label for label in lines if label.startswith("best (val)"))
+        assert lines["mean (val)"] == [-entry["mean"] for entry in written["logbook"]]
+        assert lines["nearest (val)"][0] == written["baseline"]["val"] > 0
+        assert best[-1] <= lines["nearest (val)"][0]  # the start is in the population: never worse than it
+        assert all(value > 0 for values in lines.values() for value in values)  # all on the loss's side of zero
+        assert float(axis.collections[0].get_offsets()[0][1]) == written["best"]["test"]
+        close(figure)
+    assert written["higher_is_better"] is False

@@ -209,3 +209,86 @@ def test_export_of_a_fold_bn_recipe_run_rebuilds_the_folded_architecture(tmp_pat
     data = RECIPES["digits-resnet"].data(0)
     assert Evaluator(qmodel, data.test, batch_size=512).score_module(module)["accuracy"] == results["best"]["test"]
     assert_weights_are_the_evolved_ones(module, qmodel, results["best"]["genes"])
+
+
+def _regression_run(name: str):
+    """A tiny conv net scored by a user's BatchMetric (lower is better) called ``name``."""
+    from deap_quant.evaluation.metrics import BatchMetric
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 1, 3, padding=1)).eval()
+    inputs = torch.randn(24, 1, 6, 6)
+    with torch.no_grad():
+        targets = net(inputs)
+    metric = BatchMetric(lambda outputs, targets: float((outputs - targets).square().mean()), higher_is_better=False,
+                         name=name)
+    qmodel = quantize(net, bits=3)
+    result = evolve(qmodel, (inputs[:12], targets[:12]), (inputs[12:], targets[12:]), metric=metric, mu=2, lambda_=4,
+                    ngen=1, progress=False)
+    return qmodel, result, metric, (inputs[12:], targets[12:])
+
+
+@pytest.mark.parametrize("name", ["mse", "mae"])  # a built-in metric's name, and a name no metric has
+def test_export_checks_a_custom_metric_with_the_runs_own_metric(tmp_path, name):
+    qmodel, result, metric, test = _regression_run(name)
+    path = export(result, tmp_path / "m.pt", qmodel=qmodel, test=test, metric=metric)
+    content = read_export(path)
+    assert content["scores"]["test_checked"] is True and content["scores"]["metric"] == name
+    with pytest.raises(ExportError, match=f"metric= is named 'other'.*the run's metric is {name!r}"):
+        export(result, tmp_path / "other.pt", qmodel=qmodel, test=test,
+               metric=dq.evaluation.BatchMetric(metric.fn, name="other"))
+
+
+@pytest.mark.parametrize("name", ["mse", "mae"])
+def test_export_without_the_runs_custom_metric_warns_and_writes_unchecked(tmp_path, name):
+    """Only the metric's name is known: the built-in 'mse' is another metric, 'mae' no metric at all. The
+    export is written, unchecked, with a warning saying why (never refused for a score it cannot compare)."""
+    qmodel, result, _, test = _regression_run(name)
+    with pytest.warns(UserWarning, match=f"test score was not checked.*{name!r}.*pass metric="):
+        path = export(result, tmp_path / "m.pt", qmodel=qmodel, test=test)
+    assert read_export(path)["scores"]["test_checked"] is False
+    assert_weights_are_the_evolved_ones(dq.load(path, allow_pickle=True), qmodel, result.best["genes"])
+
+
+def test_the_int8_module_of_a_run_with_quantized_activations_uses_the_runs_activation_grid(tiny_data, tmp_path):
+    qmodel = quantize(make_tiny_model(), bits=4, act_bits=4, act_calibration=tiny_data[0])
+    result = evolve(qmodel, tiny_data, tiny_data, mu=2, lambda_=2, ngen=1, progress=False)
+    path = export(result, tmp_path / "m.pt", qmodel=qmodel, calibration=tiny_data[0], test=tiny_data)
+    int8 = dq.load(path, int8=True, allow_pickle=True)
+    simulated = dq.load(path, allow_pickle=True)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen.setdefault(name, args[0])
+        return hook
+
+    for number, info in enumerate(qmodel.layer_table()):
+        run_grid = qmodel.act_quantizers[number]
+        assert run_grid is not None and run_grid.bits == 4
+        int8.get_submodule(info.name).layer.register_forward_hook(keep(info.name))
+        simulated.get_submodule(info.name).register_forward_hook(keep("float " + info.name))  # after the run's grid
+    with torch.inference_mode():
+        int8(tiny_data[0])
+        simulated(tiny_data[0])
+    for number, info in enumerate(qmodel.layer_table()):
+        run_grid, codes = qmodel.act_quantizers[number], seen[info.name]
+        assert codes.q_scale() == pytest.approx(run_grid.scale, rel=1e-6)
+        assert codes.q_zero_point() == run_grid.zero_point
+        assert 0 <= int(codes.int_repr().min()) and int(codes.int_repr().max()) <= run_grid.quant_max
+    first = qmodel.layer_table()[0].name  # same input to both: the int8 codes are the run's codes
+    assert torch.equal(seen[first].int_repr().to(torch.int64),
+                       qmodel.act_quantizers[0].integers(tiny_data[0]).to(torch.int64))
+    assert torch.allclose(seen[first].dequantize(), seen["float " + first], rtol=0, atol=1e-6)
+
+
+def test_onnx_export_without_test_data_warns_that_it_is_unchecked(tiny_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from deap_quant.onnx_export import read_onnx_metadata
+
+    qmodel = quantize(make_tiny_model(), bits=2)
+    result = evolve(qmodel, tiny_data, tiny_data, mu=2, lambda_=2, ngen=1, progress=False)
+    with pytest.warns(UserWarning, match="unchecked.*pass test="):
+        path = export(result, tmp_path / "m.onnx", format="onnx", qmodel=qmodel, calibration=tiny_data[0])
+    assert path.is_file() and read_onnx_metadata(path)["check"]["checked"] is False

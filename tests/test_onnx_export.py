@@ -132,6 +132,57 @@ def test_with_activation_quantization_onnxruntime_gives_deap_quants_argmax_on_ev
             assert node.input[0].endswith(".input_dequantized")
 
 
+def folded_bn_net() -> nn.Module:
+    """digits-resnet-like: conv-BN-ReLU twice, pool, linear (folding BN gives the convolutions a float bias)."""
+    torch.manual_seed(4)  # a seed on which onnxruntime's default level flips several of the 200 predictions
+    net = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(1, 8, 3, padding=1, bias=False)), ("bn1", nn.BatchNorm2d(8)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 8, 3, padding=1, bias=False)), ("bn2", nn.BatchNorm2d(8)), ("relu2", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(2)), ("flatten", nn.Flatten()), ("fc", nn.Linear(32, 5)),
+    ]))
+    with torch.no_grad():
+        for norm in (net.bn1, net.bn2):
+            norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def test_the_check_runs_onnxruntime_unoptimized_and_reports_its_default_level_apart(tmp_path, data):
+    """With folded BN and 4-bit activations, onnxruntime's default optimizations round each convolution's float
+    bias to int32 (and fuse QLinearConv), flipping predictions deap_quant never made. The check that decides the
+    export runs with optimizations off, where the file computes exactly the evolved model; the default level is
+    scored as well and reported beside it, without refusing."""
+    needs_act_bits()
+    qmodel = quantize(folded_bn_net(), bits=4, per_channel=True, fold_bn=True, act_bits=4,
+                      act_calibration=data["calibration"])
+    inputs = data["inputs"]
+    expected = deap_quant_outputs(qmodel, [], inputs)
+    targets = expected.argmax(dim=1)  # deap_quant scores 100%: every prediction onnxruntime moves costs a sample
+    payload = onnx_bytes(qmodel, [], inputs[:2])
+    (default,) = run_onnx(payload, inputs)  # onnxruntime's default level, independently of the module
+    flips = int((torch.from_numpy(default).argmax(dim=1) != targets).sum())
+    assert flips >= 2, "the model no longer reproduces the default-level drift; pick another seed"
+
+    path, check = export_checked(qmodel, [], tmp_path / "net.onnx", test=(inputs, targets), reported_test=1.0)
+    assert path.exists() and read_onnx_metadata(path)["check"] == check
+    assert check["checked"] and check["optimization"] == "disabled"
+    assert check["onnxruntime_test"] == 1.0 and check["difference_samples"] == 0
+    assert check["predictions_differing"] == 0 and check["max_logit_difference"] <= 1e-5
+    (plain,) = run_onnx(payload, inputs, optimize=False)
+    np.testing.assert_allclose(plain, expected.numpy(), rtol=0, atol=1e-5)
+    level = check["default_level"]
+    assert level["optimization"] == "all"
+    assert level["predictions_differing"] == flips
+    assert level["difference_samples"] == level["correct_difference"] == -flips
+    assert level["onnxruntime_test"] == (len(targets) - flips) / len(targets)
+    assert level["max_logit_difference"] == pytest.approx(float(np.abs(default - expected.numpy()).max()))
+    # onnx_scores runs at the check's level unless asked for another
+    assert torch.equal(onnx_scores(path, (inputs, targets)).predictions, targets)
+    assert onnx_scores(path, (inputs, targets), optimization="all").correct == len(targets) - flips
+    with pytest.raises(ExportError, match="optimization='fast' is not valid; use one of disabled, basic, extended, all"):
+        onnx_scores(path, (inputs, targets), optimization="fast")
+
+
 # ---------------------------------------------------------------------------------------- the graph
 def test_the_graph_holds_integer_weights_feeding_dequantize_linear_per_channel(data):
     qmodel = quantize(conv_net(), bits=4, per_channel=True)
@@ -222,6 +273,9 @@ def test_the_cli_exports_a_run_folder_to_onnx_and_prints_the_onnxruntime_score(d
     assert abs(check["difference_samples"]) <= 1
     assert f"difference {check['difference_samples']:+d} samples of {check['test_samples']}" in printed
     assert "onnxruntime: accuracy test" in printed
+    level = check["default_level"]
+    assert (f"onnxruntime at its default level ({level['optimization']}; reported, never refused)" in printed
+            and f"{level['predictions_differing']} predictions differ" in printed)
     # the file itself reproduces the check
     from deap_quant.zoo import load_model
     test = load_model("digits-cnn", verbose=False).data.test
