@@ -359,16 +359,27 @@ def _session(source: Union[PathLike, bytes], optimization: str = CHECK_OPTIMIZAT
                           f"{' '.join(str(error).split())[:300]})") from None
 
 
+def _fresh_metric(metric: Any) -> Any:
+    """A reset Metric for ``metric`` (a name or a Metric, which is copied, never changed)."""
+    from .evaluation.metrics import make_metric
+
+    meter = make_metric(copy.copy(metric) if not isinstance(metric, str) else metric)
+    meter.reset()
+    return meter
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ExportError(f"batch_size={batch_size!r} is not valid; use a positive integer")
+
+
 class _Scorer:
     """One onnxruntime session scored batch by batch, optionally compared with deap_quant's outputs."""
 
     def __init__(self, source: Union[PathLike, bytes], metric: Any, optimization: str) -> None:
-        from .evaluation.metrics import make_metric
-
         self.session = _session(source, optimization)
         self.feed = self.session.get_inputs()[0].name
-        self.meter = make_metric(copy.copy(metric) if not isinstance(metric, str) else metric)
-        self.meter.reset()
+        self.meter = _fresh_metric(metric)
         self.predictions: list[torch.Tensor] = []
         self.differing, self.max_gap = 0, 0.0
 
@@ -384,16 +395,13 @@ class _Scorer:
             self.max_gap = max(self.max_gap, float((outputs.reshape(len(outputs), -1) - reference).abs().max()))
 
     def scores(self) -> OnnxScores:
-        return _scores_of(self.meter, torch.cat(self.predictions))
+        from .evaluation.metrics import Accuracy, CrossEntropy
 
-
-def _scores_of(meter: Any, predicted: torch.Tensor) -> OnnxScores:
-    from .evaluation.metrics import Accuracy, CrossEntropy
-
-    summary = meter.summary()
-    correct = meter.correct if isinstance(meter, Accuracy) and not isinstance(meter, CrossEntropy) else None
-    return OnnxScores(metric=meter.name, score=float(summary[meter.name]), summary=summary, predictions=predicted,
-                      count=len(predicted), correct=correct)
+        meter, predicted = self.meter, torch.cat(self.predictions)
+        summary = meter.summary()
+        correct = meter.correct if isinstance(meter, Accuracy) and not isinstance(meter, CrossEntropy) else None
+        return OnnxScores(metric=meter.name, score=float(summary[meter.name]), summary=summary, predictions=predicted,
+                          count=len(predicted), correct=correct)
 
 
 def onnx_scores(path: Union[PathLike, bytes], data: Any, metric: Any = "accuracy", batch_size: int = 512, *,
@@ -409,8 +417,7 @@ def onnx_scores(path: Union[PathLike, bytes], data: Any, metric: Any = "accuracy
     """
     from .evaluation.evaluator import materialize
 
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ExportError(f"batch_size={batch_size!r} is not valid; use a positive integer")
+    _check_batch_size(batch_size)
     scorer = _Scorer(path, metric, optimization)
     for inputs, targets in materialize(data, batch_size):
         scorer.update(inputs, targets)
@@ -467,7 +474,6 @@ def export_checked(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path:
     model is written unchecked (``checked: False``, ``default_level: None``).
     """
     from .evaluation.evaluator import eval_mode, materialize, model_placement, place
-    from .evaluation.metrics import make_metric
 
     if isinstance(max_difference, bool) or not isinstance(max_difference, int) or max_difference < 0:
         raise ExportError(f"max_difference={max_difference!r} is not valid; use a number of samples >= 0")
@@ -483,11 +489,9 @@ def export_checked(qmodel: QuantizedModel, genes: Sequence[Sequence[int]], path:
         _check_counting(metric)
     payload = onnx_bytes(qmodel, genes, sample_input, opset=opset, metadata=extra)
     if test is not None and reported_test is not None:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ExportError(f"batch_size={batch_size!r} is not valid; use a positive integer")
+        _check_batch_size(batch_size)
         checked, default = (_Scorer(payload, metric, level) for level in (CHECK_OPTIMIZATION, DEFAULT_OPTIMIZATION))
-        own = make_metric(copy.copy(metric) if not isinstance(metric, str) else metric)  # deap_quant's outputs
-        own.reset()
+        own = _fresh_metric(metric)  # deap_quant's own outputs, scored alike
         device, dtype = model_placement(qmodel.module)
         with torch.inference_mode(), eval_mode(qmodel.module), qmodel.applied(genes):
             for inputs, targets in materialize(test, batch_size):

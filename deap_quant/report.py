@@ -73,38 +73,17 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
     return path
 
 
-def _direction_from_individuals(result: Any) -> Optional[bool]:
-    """Whether the run's metric is higher-is-better, read off an :class:`~deap_quant.EvolutionResult`: its
-    hall of fame holds each member's fitness (higher is better) beside the same member's score in the
-    metric's own units; a fitness of the opposite sign means the fitness is the negated metric."""
-    members = getattr(result, "hall_of_fame", None) or []
-    for member, scores in zip(members, getattr(result, "hall_of_fame_scores", None) or []):
-        fitness = getattr(member, "fitness", None)
-        value = scores.get("val") if isinstance(scores, dict) else None
-        if fitness is None or not fitness.valid or value is None:
-            continue
-        primary, value = float(fitness.values[0]), float(value)
-        if primary != 0.0 and value != 0.0 and math.isfinite(primary) and math.isfinite(value):
-            return (primary > 0) == (value > 0)
-    return None
-
-
 def higher_is_better(result: Any) -> bool:
     """Whether the run's headline metric is higher-is-better (accuracy) or lower-is-better (loss, MSE).
 
     The logbook's ``max``/``mean``/``min`` are fitness values, which evolution maximises: for a
     lower-is-better metric they are the negated metric. Read from ``result["higher_is_better"]``
-    (``results.json`` written by :func:`write_results` holds it), else from an
-    :class:`~deap_quant.EvolutionResult`'s hall of fame, else (an older ``results.json``) from which
-    sign of the logbook's values comes nearest to the best individual's validation score."""
-    content = result if isinstance(result, dict) else {}
+    (``results.json`` written by :func:`write_results` holds it), else from which sign of the
+    logbook's values comes nearest to the best individual's validation score (``result`` is a
+    ``results.json`` dict or an :class:`~deap_quant.EvolutionResult`)."""
+    content = result if isinstance(result, dict) else result.to_dict()
     if isinstance(content.get("higher_is_better"), bool):
         return content["higher_is_better"]
-    if not isinstance(result, dict):
-        found = _direction_from_individuals(result)
-        if found is not None:
-            return found
-        content = result.to_dict() if hasattr(result, "to_dict") else {}
     best = (content.get("best") or {}).get("val")
     values = [float(entry[key]) for entry in content.get("logbook") or [] for key in ("max", "min")
               if isinstance(entry.get(key), (int, float)) and math.isfinite(entry[key])]
